@@ -1,0 +1,1 @@
+"""MoME transformers (VLMo, BEiT-3) and their configs."""

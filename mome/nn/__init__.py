@@ -1,0 +1,1 @@
+"""Drop-in nn.Modules built on mome.ops: attention, multiway layers, MoME layers, heads."""

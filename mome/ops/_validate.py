@@ -1,0 +1,81 @@
+"""Argument checks shared by the ops: each error names the argument, what it got and what was expected."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, value, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got {describe(value)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        expected = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({expected}), got {describe(value)}")
+    return value
+
+
+def check_float(name: str, value, *, ndim: int) -> Tensor:
+    return check_tensor(name, value, ndim=ndim, dtypes=FLOAT_DTYPES)
+
+
+def check_shape(name: str, value: Tensor, expected: Sequence[int | None], what: str = "") -> None:
+    """``expected`` holds sizes, or None where any size is fine; ``what`` explains where the sizes come from."""
+    ok = value.dim() == len(expected) and all(e is None or s == e for s, e in zip(value.shape, expected))
+    if not ok:
+        pretty = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        suffix = f" {what}" if what else ""
+        raise ValueError(f"{name} must have shape {pretty}{suffix}, got {describe(value)}")
+
+
+def check_same(name: str, value: Tensor, reference_name: str, reference: Tensor, *, dtype: bool = True) -> None:
+    """Same device (and dtype) as the op's main input."""
+    check_device(name, value, reference.device, reference_name)
+    if dtype and value.dtype != reference.dtype:
+        raise TypeError(f"{name} must have dtype {reference.dtype} like {reference_name}, got {describe(value)}")
+
+
+def check_device(name: str, value: Tensor, device: torch.device, like: str) -> None:
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device} like {like}, got {describe(value)}")
+
+
+def check_int_range(name: str, values: Tensor, low: int, high: int, what: str) -> None:
+    """Integers in ``[low, high]`` (inclusive).
+
+    The range check reads min/max back to the host: one sync per call. It is skipped
+    while torch.compile traces (values are unknown there) and with ``MOME_CHECK_IDS=0``.
+    """
+    check_tensor(name, values, dtypes=INT_DTYPES)
+    if values.numel() == 0 or torch.compiler.is_compiling() or os.environ.get("MOME_CHECK_IDS", "1") == "0":
+        return
+    got_low, got_high = int(values.min()), int(values.max())
+    if got_low < low or got_high > high:
+        raise ValueError(f"{name} must lie in [{low}, {high}] ({what}), got values in [{got_low}, {got_high}]")
+
+
+def check_ids(name: str, ids: Tensor, num: int, what: str) -> None:
+    """Integer ids in ``[0, num)``."""
+    check_int_range(name, ids, 0, num - 1, what)
+
+
+def check_bool(name: str, value: Tensor) -> None:
+    if value.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = masked out), got {describe(value)}")
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
