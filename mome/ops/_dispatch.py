@@ -9,7 +9,6 @@ run the inputs; forcing one that cannot raises with every reason.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -30,13 +29,23 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_IMPORTED: dict[str, ModuleType | str] = {}
+
+
+@torch._dynamo.assume_constant_result  # torch.compile takes the result as a constant instead of tracing imports
 def _import(module_name: str) -> ModuleType | str:
     """The module, or the reason it cannot be imported (cached: import failures are not retried)."""
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as error:
-        return f"{module_name} cannot be imported ({error})"
+    if module_name not in _IMPORTED:
+        try:
+            _IMPORTED[module_name] = importlib.import_module(module_name)
+        except ImportError as error:
+            _IMPORTED[module_name] = f"{module_name} cannot be imported ({error})"
+    return _IMPORTED[module_name]
+
+
+@torch._dynamo.assume_constant_result
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def device_reason(backend: str, device: torch.device) -> str | None:
@@ -44,7 +53,7 @@ def device_reason(backend: str, device: torch.device) -> str | None:
     if backend == "reference":
         return None
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "triton is not installed (pip install 'mome[triton]')"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return None

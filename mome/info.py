@@ -1,0 +1,68 @@
+"""``python -m mome info``: versions, devices, and per op which backends can run and why not."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+import mome
+from mome.ops._dispatch import triton_interpreting
+
+# Modules by path: ``mome.ops.attention`` as an attribute is the function, not its module.
+OP_BACKENDS = tuple(
+    getattr(importlib.import_module(f"mome.ops.{module}"), name)
+    for module, name in (
+        ("attention", "BACKENDS"),
+        ("decode", "BACKENDS"),
+        ("modality", "LINEAR_BACKENDS"),
+        ("modality", "LAYER_NORM_BACKENDS"),
+        ("itc", "BACKENDS"),
+    )
+)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.import_module(package).__version__
+    except ImportError:
+        return "not installed"
+
+
+def _extension_lines() -> list[str]:
+    try:
+        from mome.cuda import extension_status
+    except ImportError as error:
+        return [f"mome._C: status unknown ({error})"]
+    status = extension_status()
+    if status.get("built"):
+        return [f"mome._C: built for {status.get('archs')} with {status.get('built_with')}"]
+    return [f"mome._C: not available ({status.get('reason')})"]
+
+
+def report() -> str:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.insert(0, torch.device("cuda"))
+    lines = [
+        f"mome {mome.__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+        f"triton {_version('triton')}  numpy {_version('numpy')}",
+        f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible'}"
+        f"{'  (TRITON_INTERPRET=1: triton runs on CPU tensors)' if triton_interpreting() else ''}",
+        *_extension_lines(),
+        "",
+    ]
+    for device in devices:
+        lines.append(f"backends for {device.type} tensors (auto picks the first usable of cuda, triton, reference):")
+        for op in OP_BACKENDS:
+            for backend, why in op.report(device).items():
+                state = "available" if why is None else f"unavailable: {why}"
+                lines.append(f"  {op.op:<20} {backend:<10} {state}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(report())
+    return 0
