@@ -7,6 +7,8 @@ import torch
 # before triton is first imported. On a GPU machine the kernels run compiled.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Small CPU tests: two intra-op threads on a 2-core machine spin against each other (3x the CPU time).
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
