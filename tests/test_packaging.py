@@ -13,7 +13,7 @@ def test_every_package_folder_is_listed_in_pyproject():
     listed = set(config["packages"])
     found = {
         ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "mome").rglob("__init__.py")
-    } | {"mome.kernels"}
+    } | {"mome.kernels", "mome.benchmarks"}
     assert found == listed, f"missing from pyproject: {found - listed}; listed but absent: {listed - found}"
     assert config["package-dir"]["mome.kernels"] == "kernels"
 

@@ -1,0 +1,239 @@
+"""Shared self-attention: mome vs torch SDPA (each backend), FlexAttention, eager and flash-attn.
+
+TFLOP/s = ``4·B·H·Nq·Nk·D · density / time`` (density: the visible fraction of the scores, 1/2 for
+causal), backward 2.5× forward. Shapes: FlashAttention's (16k tokens, hidden 2048, D 64/128,
+S 512…8k) and vision-language ones (197 image + 40 text tokens; 577 image + 64 text).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mome import ops, perf
+from mome.reference import attention_visibility
+
+from .harness import Family, Provider, Unavailable, Work, generator, mome_providers, randn
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    heads: int
+    seq: int
+    head_dim: int
+    mask: str  # none | causal | prefix (prefix-LM: bidirectional prefix, causal after) | padding
+    prefix: int = 0  # prefix-LM: image tokens every query sees; padding: the shortest key length
+    subsets: frozenset = frozenset({"full"})
+
+
+def _shapes() -> dict[str, AttentionShape]:
+    shapes = {}
+    for mask in ("none", "causal", "prefix", "padding"):
+        shapes[f"tiny-{mask}"] = AttentionShape(1, 2, 37, 16, mask, prefix=20, subsets=frozenset({"tiny"}))
+    quick = {"fa-s2048-d128-none", "fa-s2048-d128-causal", "vlm237-none", "vlm237-prefix", "vlm237-padding"}
+    for mask in ("none", "prefix", "padding"):
+        name = f"vlm237-{mask}"
+        subsets = frozenset({"full", "quick"} if name in quick else {"full"})
+        shapes[name] = AttentionShape(128, 12, 197 + 40, 64, mask, prefix=197, subsets=subsets)
+        shapes[f"vlm641-{mask}"] = AttentionShape(64, 16, 577 + 64, 64, mask, prefix=577)
+    for seq in (512, 1024, 2048, 4096, 8192):
+        for head_dim in (64, 128):
+            for mask in ("none", "causal"):
+                name = f"fa-s{seq}-d{head_dim}-{mask}"
+                subsets = frozenset({"full", "quick"} if name in quick else {"full"})
+                shapes[name] = AttentionShape(16384 // seq, 2048 // head_dim, seq, head_dim, mask, subsets=subsets)
+    return shapes
+
+
+def key_lengths(shape: AttentionShape, device) -> torch.Tensor:
+    """Deterministic ragged key lengths in [prefix, seq] for the padding mask (the same for every seed)."""
+    span = shape.seq - shape.prefix + 1
+    return shape.prefix + (torch.arange(shape.batch, device=device) * 37) % span
+
+
+def mask_arguments(shape: AttentionShape, device) -> dict:
+    """The structure of the mask, as ``mome.ops.attention`` takes it."""
+    if shape.mask == "causal":
+        return dict(causal=True)
+    if shape.mask == "prefix":
+        return dict(causal=True, prefix_len=shape.prefix)
+    if shape.mask == "padding":
+        positions = torch.arange(shape.seq, device=device)
+        return dict(key_padding_mask=positions[None, :] >= key_lengths(shape, device)[:, None])
+    return {}
+
+
+def visibility(shape: AttentionShape, device) -> torch.Tensor:
+    """``(B, 1, N, N)`` bool, True where a query sees a key (SDPA's dense-mask convention)."""
+    arguments = mask_arguments(shape, device)
+    if "prefix_len" in arguments:
+        arguments["prefix_len"] = torch.full((shape.batch,), shape.prefix, device=device)
+    return attention_visibility(shape.batch, shape.seq, shape.seq, device=device, **arguments)[:, None]
+
+
+def density(shape: AttentionShape) -> float:
+    """Visible fraction of the score matrix (the FLOP formula's factor)."""
+    n = shape.seq
+    if shape.mask == "causal":
+        return 0.5
+    if shape.mask == "prefix":
+        p = shape.prefix
+        visible = p * p + (n * (n + 1) - p * (p + 1)) / 2
+        return visible / (n * n)
+    if shape.mask == "padding":
+        return float(key_lengths(shape, "cpu").double().mean()) / n
+    return 1.0
+
+
+def make_inputs(shape: AttentionShape, dtype, device, seed: int, requires_grad: bool) -> dict:
+    g = generator(device, seed)
+    size = (shape.batch, shape.heads, shape.seq, shape.head_dim)
+    return {name: randn(size, dtype, device, g, requires_grad) for name in ("q", "k", "v")}
+
+
+def work(shape: AttentionShape, mode: str, dtype) -> Work:
+    b, h, n, d = shape.batch, shape.heads, shape.seq, shape.head_dim
+    fraction = density(shape)
+    return Work(
+        perf.attention_flops(b, h, n, n, d, density=fraction, mode=mode),
+        perf.attention_bytes(b, h, h, n, n, d, dtype, mode),
+        "TFLOP/s",
+        f"4·B·H·N²·D·{fraction:.3f} (visible fraction); bwd ×2.5",
+    )
+
+
+# ---- providers ----------------------------------------------------------------------------------------
+
+
+def _mome_call(inputs, backend, masks):
+    return ops.attention(inputs["q"], inputs["k"], inputs["v"], backend=backend, **masks)
+
+
+MOME = mome_providers(_mome_call, setup=lambda shape, inputs, device: mask_arguments(shape, device))
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}  # fmt: skip
+
+
+def _sdpa(kind: str) -> Provider:
+    def setup(shape, inputs, device, mode, notes):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_BACKENDS[kind], None)
+        if backend is None:
+            raise Unavailable(f"this torch has no SDPBackend.{SDPA_BACKENDS[kind]}")
+        causal = shape.mask == "causal"
+        dense = visibility(shape, device) if shape.mask in ("prefix", "padding") else None
+        if dense is not None:
+            notes["mask"] = "dense bool (B, 1, N, N)"
+
+        def forward(batch):
+            with sdpa_kernel(backend):
+                try:
+                    return F.scaled_dot_product_attention(
+                        batch["q"], batch["k"], batch["v"], attn_mask=dense, is_causal=causal
+                    )
+                except RuntimeError as error:  # this backend declines the inputs: a reason, not a failure
+                    if "No viable backend" not in str(error):
+                        raise
+                    raise Unavailable(f"SDPA's {kind} backend cannot run this case on {device.type}") from error
+
+        return forward
+
+    return Provider(f"sdpa-{kind}", "baseline", setup)
+
+
+def _eager_setup(shape, inputs, device, mode, notes):
+    scale = shape.head_dim**-0.5
+    dense = visibility(shape, device) if shape.mask != "none" else None
+
+    def forward(batch):
+        scores = (batch["q"] @ batch["k"].transpose(-2, -1)) * scale  # [B, H, N, N]
+        if dense is not None:
+            scores = scores.masked_fill(~dense, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(batch["v"].dtype) @ batch["v"]
+
+    return forward
+
+
+def _flex_setup(shape, inputs, device, mode, notes):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as error:
+        raise Unavailable(f"FlexAttention is not in this torch ({error})") from error
+    lengths = key_lengths(shape, device)
+    prefix = shape.prefix
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def prefix_lm(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) | (kv_idx < prefix)
+
+    def padding(b, h, q_idx, kv_idx):
+        return kv_idx < lengths[b]
+
+    mask_mod = {"causal": causal, "prefix": prefix_lm, "padding": padding}.get(shape.mask)
+    block_mask = None
+    if mask_mod is not None:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        block_mask = create_block_mask(mask_mod, shape.batch, None, shape.seq, shape.seq, device=device)
+        torch.cuda.synchronize()
+        notes["mask_build_ms"] = (time.perf_counter() - started) * 1e3
+    compiled = _compiled_flex(flex_attention)
+    return lambda batch: compiled(batch["q"], batch["k"], batch["v"], block_mask=block_mask)
+
+
+@functools.cache
+def _compiled_flex(flex_attention):
+    """One compiled wrapper for every case: dynamo's cache then recompiles only for new shapes."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flash_attn_setup(shape, inputs, device, mode, notes):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as error:
+        raise Unavailable(f"flash-attn is not installed ({error})") from error
+    if shape.mask not in ("none", "causal"):
+        raise Unavailable(f"the {shape.mask} mask needs flash-attn's varlen API, not wired in this benchmark")
+
+    def to_bnhd(batch):  # flash-attn's own layout, converted once outside the timing
+        return {n: t.transpose(1, 2).contiguous().detach().requires_grad_(t.requires_grad) for n, t in batch.items()}
+
+    causal = shape.mask == "causal"
+    return to_bnhd, lambda batch: flash_attn_func(batch["q"], batch["k"], batch["v"], causal=causal)
+
+
+CUDA_ONLY_COMPILE = "compiled baselines run on CUDA only (CPU compiles exceed the CPU budget)"
+
+FAMILIES = [
+    Family(
+        op="attention",
+        shapes=_shapes(),
+        providers={
+            **MOME,
+            **{f"sdpa-{kind}": _sdpa(kind) for kind in SDPA_BACKENDS},
+            "flex": Provider(
+                "flex", "baseline", _flex_setup, applies=lambda s: s.mask != "none", cuda_only=CUDA_ONLY_COMPILE
+            ),  # fmt: skip
+            "eager": Provider("eager", "baseline", _eager_setup),
+            "flash-attn": Provider(
+                "flash-attn", "baseline", _flash_attn_setup, cuda_only="flash-attn runs on CUDA only"
+            ),
+        },
+        make_inputs=make_inputs,
+        work=work,
+        grad_names=("q", "k", "v"),
+    )
+]
+
+
+def bench_attention(case, measure):
+    measure(case)
