@@ -5,10 +5,16 @@ exposes the same launcher functions (contiguous tensors in, tensors out) and may
 expose ``unsupported_reason(op, **inputs) -> str | None`` to decline inputs it does
 not handle. ``auto`` walks the priority list and takes the first backend that can
 run the inputs; forcing one that cannot raises with every reason.
+
+The choice is made inside each op's custom-op implementation (``OpBackends.module``),
+which runs eagerly with real tensors even under torch.compile: dynamo never traces
+imports or the backends' ``unsupported_reason``, and the fake implementations do not
+depend on the backend. A backward op repeats the forward's choice from the same inputs.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -29,21 +35,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_IMPORTED: dict[str, ModuleType | str] = {}
-
-
-@torch._dynamo.assume_constant_result  # torch.compile takes the result as a constant instead of tracing imports
+@functools.cache
 def _import(module_name: str) -> ModuleType | str:
-    """The module, or the reason it cannot be imported (cached: import failures are not retried)."""
-    if module_name not in _IMPORTED:
-        try:
-            _IMPORTED[module_name] = importlib.import_module(module_name)
-        except ImportError as error:
-            _IMPORTED[module_name] = f"{module_name} cannot be imported ({error})"
-    return _IMPORTED[module_name]
+    """The module, or the reason it cannot be imported (remembered: a failed import is not retried)."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        return f"{module_name} cannot be imported ({error})"
 
 
-@torch._dynamo.assume_constant_result
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -105,6 +106,10 @@ class OpBackends:
             reasons[candidate] = why
         details = "; ".join(f"{name}: {why}" for name, why in reasons.items())
         raise BackendUnavailableError(f"{self.op}: no backend can run these inputs ({details})")
+
+    def module(self, backend: str, device: torch.device, inputs: dict) -> ModuleType:
+        """The module of the backend that runs these inputs (see ``choose``)."""
+        return self.choose(backend, device, inputs)[1]
 
     def report(self, device: torch.device) -> dict[str, str | None]:
         """Per backend, None when it is usable on ``device`` or the reason it is not (``python -m mome info``)."""

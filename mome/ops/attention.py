@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mome.ops._dispatch import OpBackends, _import
+from mome.ops._dispatch import BACKENDS as BACKEND_NAMES
+from mome.ops._dispatch import OpBackends
 from mome.ops._validate import (
     INT_DTYPES,
     check_bool,
+    check_choice,
     check_device,
     check_float,
     check_ids,
@@ -23,8 +25,10 @@ BACKENDS = OpBackends(
 )
 
 
-def _module(backend: str):
-    return _import(BACKENDS.modules[backend])
+def _module(backend: str, q, k, v, causal, key_padding_mask, prefix_len, modality, modality_mask):
+    inputs = dict(q=q, k=k, v=v, causal=causal, key_padding_mask=key_padding_mask, prefix_len=prefix_len,
+                  modality=modality, modality_mask=modality_mask)  # fmt: skip
+    return BACKENDS.module(backend, q.device, inputs)
 
 
 @torch.library.custom_op("mome::attention_fwd", mutates_args=())
@@ -40,7 +44,7 @@ def _attention_fwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _module(backend).attention_fwd(
+    return _module(backend, q, k, v, causal, key_padding_mask, prefix_len, modality, modality_mask).attention_fwd(
         q,
         k,
         v,
@@ -74,7 +78,8 @@ def _attention_bwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _module(backend).attention_bwd(
+    module = _module(backend, q, k, v, causal, key_padding_mask, prefix_len, modality, modality_mask)
+    return module.attention_bwd(
         dout,
         q,
         k,
@@ -215,17 +220,7 @@ def attention(
         modality = modality.to(torch.int64).contiguous()
         modality_mask = modality_mask.contiguous()
     scale = float(head_dim**-0.5 if scale is None else scale)
-    inputs = dict(
-        q=q,
-        k=k,
-        v=v,
-        causal=causal,
-        key_padding_mask=key_padding_mask,
-        prefix_len=prefix_len,
-        modality=modality,
-        modality_mask=modality_mask,
-    )
-    chosen, _ = BACKENDS.choose(backend, q.device, inputs)
+    check_choice("backend", backend, ("auto", *BACKEND_NAMES))
     out, _lse = _attention_fwd(
         q.contiguous(),
         k.contiguous(),
@@ -236,6 +231,6 @@ def attention(
         modality,
         modality_mask,
         scale,
-        chosen,
+        backend,
     )
     return out

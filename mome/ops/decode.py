@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mome.ops._dispatch import OpBackends, _import
+from mome.ops._dispatch import BACKENDS as BACKEND_NAMES
+from mome.ops._dispatch import OpBackends
 from mome.ops._validate import (
     INT_DTYPES,
+    check_choice,
     check_device,
     check_float,
     check_int_range,
@@ -30,7 +32,8 @@ BACKENDS = OpBackends(
 def _decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, backend: str
 ) -> Tensor:
-    module = _import(BACKENDS.modules[backend])
+    inputs = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+    module = BACKENDS.module(backend, q.device, inputs)
     return module.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale=scale)
 
 
@@ -76,6 +79,5 @@ def decode_attention(
     check_int_range("cache_seqlens", cache_seqlens, 0, nmax, "the cache holds Nmax entries")
     scale = float(head_dim**-0.5 if scale is None else scale)
     cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
-    inputs = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
-    chosen, _ = BACKENDS.choose(backend, q.device, inputs)
-    return _decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_seqlens, scale, chosen)
+    check_choice("backend", backend, ("auto", *BACKEND_NAMES))
+    return _decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_seqlens, scale, backend)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mome.ops._dispatch import OpBackends, _import
+from mome.ops._dispatch import BACKENDS, OpBackends
 from mome.ops._validate import check_choice, check_float, check_ids, check_same, check_shape, check_tensor
-from mome.reference.modality import ACTIVATIONS
+from mome.reference.modality import ACTIVATIONS, apply_activation
 
 LINEAR_BACKENDS = OpBackends(
     "modality_linear",
@@ -20,15 +20,26 @@ LAYER_NORM_BACKENDS = OpBackends(
 _NO_ACTIVATION = "none"  # custom-op schemas take str, not Optional[str]
 
 
+def _linear_inputs(x, modality, weight, bias, activation: str) -> dict:
+    """What the backends' ``unsupported_reason`` sees of a linear (or the first linear of an FFN)."""
+    return dict(x=x, modality=modality, weight=weight, bias=bias, activation=_activation_arg(activation))
+
+
 def _activation_arg(activation: str) -> str | None:
     return None if activation == _NO_ACTIVATION else activation
+
+
+def _recompute_hidden(pre: Tensor, activation: str) -> Tensor:
+    """``act(pre)`` as the forward computed it (half precision through fp32)."""
+    wide = pre.float() if pre.dtype in (torch.float16, torch.bfloat16) else pre
+    return apply_activation(wide, activation).to(pre.dtype)
 
 
 @torch.library.custom_op("mome::modality_linear_fwd", mutates_args=())
 def _linear_fwd(
     x: Tensor, modality: Tensor, weight: Tensor, bias: Tensor | None, activation: str, backend: str
 ) -> tuple[Tensor, Tensor]:
-    module = _import(LINEAR_BACKENDS.modules[backend])
+    module = LINEAR_BACKENDS.module(backend, x.device, _linear_inputs(x, modality, weight, bias, activation))
     return module.modality_linear_fwd(x, modality, weight, bias, activation=_activation_arg(activation))
 
 
@@ -49,7 +60,7 @@ def _linear_bwd(
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    module = _import(LINEAR_BACKENDS.modules[backend])
+    module = LINEAR_BACKENDS.module(backend, x.device, _linear_inputs(x, modality, weight, bias, activation))
     dx, dweight, dbias = module.modality_linear_bwd(
         dy, x, modality, weight, bias, pre, activation=_activation_arg(activation)
     )
@@ -76,11 +87,85 @@ def _linear_backward(ctx, dy, _dpre):
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
+@torch.library.custom_op("mome::modality_ffn_fwd", mutates_args=())
+def _ffn_fwd(
+    x: Tensor,
+    modality: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(y, saved)``: saved is the first linear's pre-activation (the hidden layer when no activation)."""
+    module = LINEAR_BACKENDS.module(backend, x.device, _linear_inputs(x, modality, w1, b1, activation))
+    act = _activation_arg(activation)
+    if hasattr(module, "modality_ffn_fwd"):  # one routing for both GEMMs, hidden layer never stored
+        return module.modality_ffn_fwd(x, modality, w1, b1, w2, b2, activation=act)
+    hidden, pre = module.modality_linear_fwd(x, modality, w1, b1, activation=act)
+    out, _ = module.modality_linear_fwd(hidden, modality, w2, b2, activation=None)
+    return out, (hidden if act is None else pre)
+
+
+@_ffn_fwd.register_fake
+def _(x, modality, w1, b1, w2, b2, activation, backend):
+    return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(x.shape[0], w1.shape[1])
+
+
+@torch.library.custom_op("mome::modality_ffn_bwd", mutates_args=())
+def _ffn_bwd(
+    dy: Tensor,
+    x: Tensor,
+    modality: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    saved: Tensor,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    module = LINEAR_BACKENDS.module(backend, x.device, _linear_inputs(x, modality, w1, b1, activation))
+    act = _activation_arg(activation)
+    if hasattr(module, "modality_ffn_bwd"):
+        dx, dw1, db1, dw2, db2 = module.modality_ffn_bwd(dy, x, modality, w1, b1, w2, b2, saved, activation=act)
+    else:
+        hidden = saved if act is None else _recompute_hidden(saved, act)
+        d_hidden, dw2, db2 = module.modality_linear_bwd(dy, hidden, modality, w2, b2, x.new_empty(0), activation=None)
+        pre = saved if act is not None else x.new_empty(0)
+        dx, dw1, db1 = module.modality_linear_bwd(d_hidden, x, modality, w1, b1, pre, activation=act)
+    return dx, dw1, (x.new_empty(0) if db1 is None else db1), dw2, (x.new_empty(0) if db2 is None else db2)
+
+
+@_ffn_bwd.register_fake
+def _(dy, x, modality, w1, b1, w2, b2, saved, activation, backend):
+    def like(bias):
+        return x.new_empty(0) if bias is None else torch.empty_like(bias)
+
+    return torch.empty_like(x), torch.empty_like(w1), like(b1), torch.empty_like(w2), like(b2)
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, modality, w1, b1, w2, b2, activation, backend = inputs
+    ctx.save_for_backward(x, modality, w1, b1, w2, b2, output[1])
+    ctx.activation, ctx.backend = activation, backend
+
+
+def _ffn_backward(ctx, dy, _dsaved):
+    x, modality, w1, b1, w2, b2, saved = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = _ffn_bwd(dy.contiguous(), x, modality, w1, b1, w2, b2, saved, ctx.activation, ctx.backend)
+    return dx, None, dw1, (None if b1 is None else db1), dw2, (None if b2 is None else db2), None, None
+
+
+_ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+
+
 @torch.library.custom_op("mome::modality_layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(
     x: Tensor, modality: Tensor, weight: Tensor, bias: Tensor | None, eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    module = _import(LAYER_NORM_BACKENDS.modules[backend])
+    module = LAYER_NORM_BACKENDS.module(backend, x.device, dict(x=x, modality=modality, weight=weight, bias=bias))
     return module.modality_layer_norm_fwd(x, modality, weight, bias, eps=eps)
 
 
@@ -102,7 +187,7 @@ def _layer_norm_bwd(
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    module = _import(LAYER_NORM_BACKENDS.modules[backend])
+    module = LAYER_NORM_BACKENDS.module(backend, x.device, dict(x=x, modality=modality, weight=weight, bias=bias))
     dx, dweight, dbias = module.modality_layer_norm_bwd(dy, x, modality, weight, bias, mean, rstd, eps=eps)
     return dx, dweight, (x.new_empty(0) if dbias is None else dbias)
 
@@ -148,15 +233,14 @@ def _check_expert_linear(weight_name: str, bias_name: str, x: Tensor, weight: Te
 
 
 def _run_linear(x, modality, weight, bias, activation, backend):
-    inputs = dict(x=x, modality=modality, weight=weight, bias=bias, activation=activation)
-    chosen, _ = LINEAR_BACKENDS.choose(backend, x.device, inputs)
+    check_choice("backend", backend, ("auto", *BACKENDS))
     out, _pre = _linear_fwd(
         x.contiguous(),
         modality,
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
         _NO_ACTIVATION if activation is None else activation,
-        chosen,
+        backend,
     )
     return out
 
@@ -170,7 +254,7 @@ def modality_linear(
     activation: str | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """One linear layer per expert, chosen per token: row t is ``act(x[t] @ weight[e].T + bias[e])``, ``e = modality[t]``.
+    """One linear layer per expert, chosen per token: row t is ``act(x[t] @ weight[e].T + bias[e])``, e = modality[t].
 
     Args:
         x: ``(T, Din)`` tokens in any modality order.
@@ -207,7 +291,12 @@ def modality_ffn(
         w1: ``(E, F, D)``, b1: ``(E, F)``; w2: ``(E, Dout, F)``, b2: ``(E, Dout)``.
         activation: between the two linears (default exact GELU).
 
-    Returns ``(T, Dout)``. Equivalent PyTorch: ``modality_linear(modality_linear(x, m, w1, b1, activation=act), m, w2, b2)``.
+    Returns ``(T, Dout)``. Equivalent PyTorch::
+
+        modality_linear(modality_linear(x, m, w1, b1, activation=act), m, w2, b2)
+
+    One custom op: the Triton backend routes the tokens once for both GEMMs (and once in backward), and saves only
+    the first linear's pre-activation; the hidden layer ``act(pre)`` is recomputed as the second GEMM loads it.
     """
     check_choice("activation", activation, ACTIVATIONS)
     check_float("w1", w1, ndim=3)
@@ -216,8 +305,18 @@ def modality_ffn(
     check_float("w2", w2, ndim=3)
     check_shape("w2", w2, (w1.shape[0], None, w1.shape[1]), "(E, Dout, F) with E and F from w1")
     _check_expert_linear("w2", "b2", x, w2, b2, w1.shape[1])
-    hidden = _run_linear(x, modality, w1, b1, activation, backend)  # [T, F]
-    return _run_linear(hidden, modality, w2, b2, None, backend)  # [T, Dout]
+    check_choice("backend", backend, ("auto", *BACKENDS))
+    out, _saved = _ffn_fwd(
+        x.contiguous(),
+        modality,
+        w1.contiguous(),
+        None if b1 is None else b1.contiguous(),
+        w2.contiguous(),
+        None if b2 is None else b2.contiguous(),
+        _NO_ACTIVATION if activation is None else activation,
+        backend,
+    )
+    return out  # [T, Dout]
 
 
 def modality_layer_norm(
@@ -247,14 +346,13 @@ def modality_layer_norm(
         check_shape("bias", bias, weight.shape, "(the shape of weight)")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    inputs = dict(x=x, modality=modality, weight=weight, bias=bias)
-    chosen, _ = LAYER_NORM_BACKENDS.choose(backend, x.device, inputs)
+    check_choice("backend", backend, ("auto", *BACKENDS))
     out, _mean, _rstd = _layer_norm_fwd(
         x.contiguous(),
         modality,
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
         float(eps),
-        chosen,
+        backend,
     )
     return out

@@ -1,0 +1,261 @@
+"""Multiway LayerNorm: LayerNorm over the last dim with gamma/beta chosen per token by its modality id.
+
+Forward: each program normalises BLOCK_M whole rows (D fits in one BLOCK_D tile),
+statistics in fp32, gamma/beta rows gathered by ``modality[t]``; saves mean and
+rstd (fp32) for backward. Moves ``2·T·D`` elements plus ``E·D`` parameters.
+
+Backward: the same row tiling gives ``dx`` row by row; ``dgamma``/``dbeta`` are
+accumulated per expert in registers (``E_PAD x BLOCK_D``) over a group of rows per
+program and written as fp32 partial sums ``(groups, E, D)`` that the launcher
+adds up: deterministic, no atomics. Moves ``3·T·D`` elements.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from mome.kernels.aot import AotSpec
+from torch import Tensor
+
+MAX_ROW = 65536  # a whole row is one tile
+
+
+@triton.jit
+def _modality_layer_norm_fwd_kernel(
+    y,  # [T, D]
+    mean_out,  # [T] fp32
+    rstd_out,  # [T] fp32
+    x,  # [T, D]
+    modality,  # [T] int64
+    weight,  # [E, D]
+    bias,  # [E, D]
+    T,
+    D,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < T
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    values = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(values, axis=1) / D
+    centered = tl.where(mask, values - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
+    expert = tl.load(modality + rows, mask=row_mask, other=0)
+    param_offsets = expert[:, None] * D + cols[None, :]
+    out = centered * rstd[:, None] * tl.load(weight + param_offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(bias + param_offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y + offsets, out.to(y.dtype.element_ty), mask=mask)
+    tl.store(mean_out + rows, mean, mask=row_mask)
+    tl.store(rstd_out + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _modality_layer_norm_bwd_kernel(
+    dx,  # [T, D]
+    dweight_partial,  # [groups, NUM_EXPERTS, D] fp32
+    dbias_partial,  # [groups, NUM_EXPERTS, D] fp32
+    dy,  # [T, D]
+    x,  # [T, D]
+    modality,  # [T] int64
+    weight,  # [E, D]
+    mean,  # [T] fp32
+    rstd,  # [T] fp32
+    T,
+    D,
+    rows_per_group,
+    NUM_EXPERTS: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    group = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    experts = tl.arange(0, EXPERTS_PAD)
+    dweight_acc = tl.zeros((EXPERTS_PAD, BLOCK_D), dtype=tl.float32)
+    dbias_acc = tl.zeros((EXPERTS_PAD, BLOCK_D), dtype=tl.float32)
+    group_start = group * rows_per_group
+    group_end = tl.minimum(group_start + rows_per_group, T)
+    for row0 in range(group_start, group_end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < group_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        values = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(dy + offsets, mask=mask, other=0.0).to(tl.float32)
+        row_mean = tl.load(mean + rows, mask=row_mask, other=0.0)
+        row_rstd = tl.load(rstd + rows, mask=row_mask, other=0.0)
+        expert = tl.load(modality + rows, mask=row_mask, other=-1).to(tl.int32)
+        gamma = tl.load(weight + expert[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        normed = tl.where(mask, (values - row_mean[:, None]) * row_rstd[:, None], 0.0)
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * gamma
+        scaled = grad * gamma
+        mean_scaled = tl.sum(scaled, axis=1) / D
+        mean_scaled_normed = tl.sum(scaled * normed, axis=1) / D
+        grad_x = row_rstd[:, None] * (scaled - mean_scaled[:, None] - normed * mean_scaled_normed[:, None])
+        tl.store(dx + offsets, grad_x.to(dx.dtype.element_ty), mask=mask)
+        grad_normed = grad * normed
+        for e in tl.static_range(NUM_EXPERTS):
+            mine = (expert == e)[:, None]
+            dweight_acc += tl.where(
+                experts[:, None] == e, tl.sum(tl.where(mine, grad_normed, 0.0), axis=0)[None, :], 0.0
+            )
+            if HAS_BIAS:
+                dbias_acc += tl.where(experts[:, None] == e, tl.sum(tl.where(mine, grad, 0.0), axis=0)[None, :], 0.0)
+    partial_offsets = (group * NUM_EXPERTS + experts[:, None]) * D + cols[None, :]
+    partial_mask = (experts[:, None] < NUM_EXPERTS) & col_mask[None, :]
+    tl.store(dweight_partial + partial_offsets, dweight_acc, mask=partial_mask)
+    if HAS_BIAS:
+        tl.store(dbias_partial + partial_offsets, dbias_acc, mask=partial_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _row_tiling(d: int, *, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): whole rows per tile, 4K elements per program forward; backward holds ~6 such
+    tiles and two (E_PAD, BLOCK_D) accumulators, so half the rows and twice the warps."""
+    block_d = triton.next_power_of_2(d)
+    elements = 2048 if backward else 4096
+    block_m = max(1, min(16, elements // block_d))
+    num_warps = min(16, max(4, block_d * block_m // (256 if backward else 1024)))
+    return block_m, block_d, num_warps
+
+
+# --- launchers of the backend contract (mome/ops/_reference_backend.py) ---
+
+
+def unsupported_reason(op: str, **inputs) -> str | None:
+    x = inputs.get("x")
+    if x is None:
+        return None
+    if x.dtype == torch.float64:
+        return "the Triton multiway LayerNorm runs fp32, fp16 and bf16, not float64"
+    if x.dtype == torch.bfloat16 and _interpreting():
+        return "bf16 arithmetic is wrong in the Triton interpreter (bf16 runs on GPU only)"
+    return None
+
+
+def modality_layer_norm_fwd(x: Tensor, modality: Tensor, weight: Tensor, bias: Tensor | None, *, eps: float):
+    tokens, d = x.shape
+    if d > MAX_ROW:
+        raise ValueError(f"x rows must have at most {MAX_ROW} elements for the Triton multiway LayerNorm, got {d}")
+    y = torch.empty_like(x)
+    mean = torch.empty(tokens, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if tokens == 0:
+        return y, mean, rstd
+    block_m, block_d, num_warps = _row_tiling(d)
+    _modality_layer_norm_fwd_kernel[(triton.cdiv(tokens, block_m),)](
+        y,
+        mean,
+        rstd,
+        x,
+        modality,
+        weight,
+        weight if bias is None else bias,
+        tokens,
+        d,
+        eps,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def modality_layer_norm_bwd(dy, x, modality, weight, bias, mean, rstd, *, eps):
+    tokens, d = x.shape
+    num_experts = weight.shape[0]
+    dx = torch.empty_like(x)
+    block_m, block_d, num_warps = _row_tiling(d, backward=True)
+    max_groups = 16 if _interpreting() else 2 * _multiprocessors(x.device)
+    groups = max(1, min(max_groups, triton.cdiv(tokens, block_m)))
+    rows_per_group = max(1, triton.cdiv(triton.cdiv(tokens, groups), block_m)) * block_m
+    groups = max(1, triton.cdiv(tokens, rows_per_group))
+    partial = torch.empty(2 if bias is not None else 1, groups, num_experts, d, dtype=torch.float32, device=x.device)
+    if tokens == 0:
+        partial.zero_()
+    else:
+        _modality_layer_norm_bwd_kernel[(groups,)](
+            dx,
+            partial[0],
+            partial[-1],
+            dy,
+            x,
+            modality,
+            weight,
+            mean,
+            rstd,
+            tokens,
+            d,
+            rows_per_group,
+            NUM_EXPERTS=num_experts,
+            EXPERTS_PAD=triton.next_power_of_2(num_experts),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    dweight = partial[0].sum(dim=0).to(weight.dtype)
+    dbias = partial[1].sum(dim=0).to(weight.dtype) if bias is not None else None
+    return dx, dweight, dbias
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --- ahead-of-time compile specs (python -m mome.kernels.aot) ---
+
+_TRITON_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+
+def _aot_specs() -> list[AotSpec]:
+    specs = []
+    for name, pointer in _TRITON_DTYPES.items():
+        for d in (768, 1024) if name == "bf16" else (1024,):
+            block_m, block_d, num_warps = _row_tiling(d)
+            bwd_block_m, _, bwd_num_warps = _row_tiling(d, backward=True)
+            specs.append(
+                AotSpec(
+                    f"modality_layer_norm_fwd_D{d}_{name}",
+                    _modality_layer_norm_fwd_kernel,
+                    {"y": pointer, "mean_out": "*fp32", "rstd_out": "*fp32", "x": pointer, "modality": "*i64"}
+                    | {"weight": pointer, "bias": pointer, "T": "i32", "D": "i32", "eps": "fp32"}
+                    | dict.fromkeys(["HAS_BIAS", "BLOCK_M", "BLOCK_D"], "constexpr"),
+                    {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_D": block_d},
+                    num_warps=num_warps,
+                )
+            )
+            specs.append(
+                AotSpec(
+                    f"modality_layer_norm_bwd_D{d}_E3_{name}",
+                    _modality_layer_norm_bwd_kernel,
+                    {"dx": pointer, "dweight_partial": "*fp32", "dbias_partial": "*fp32", "dy": pointer, "x": pointer}
+                    | {"modality": "*i64", "weight": pointer, "mean": "*fp32", "rstd": "*fp32"}
+                    | {"T": "i32", "D": "i32", "rows_per_group": "i32"}
+                    | dict.fromkeys(["NUM_EXPERTS", "EXPERTS_PAD", "HAS_BIAS", "BLOCK_M", "BLOCK_D"], "constexpr"),
+                    {"NUM_EXPERTS": 3, "EXPERTS_PAD": 4, "HAS_BIAS": True, "BLOCK_M": bwd_block_m, "BLOCK_D": block_d},
+                    num_warps=bwd_num_warps,
+                )
+            )
+    return specs
+
+
+AOT_SPECS = _aot_specs()

@@ -1,0 +1,154 @@
+"""Routing metadata for per-modality experts: a stable counting sort of tokens by expert id, on the device.
+
+``modality_routing(modality, num_experts) -> (perm, inv_perm, offsets)`` (all int32):
+
+- ``perm[k]``: original index of the k-th token in stable expert-sorted order;
+- ``inv_perm[t]``: sorted position of token t;
+- ``offsets`` ``(E + 1,)``: ``offsets[e]`` is the first sorted row of expert e, ``offsets[E] = T``.
+
+Two launches and no host sync: a per-block histogram of ids, then per block the
+exclusive prefix over earlier blocks plus the rank of each token among the same
+expert's tokens in its block. The CUDA twin in ``csrc/`` keeps this contract.
+Moves ``T`` ids in twice and ``2·T`` int32 out: bandwidth-bound, a few microseconds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from mome.kernels.aot import AotSpec
+from torch import Tensor
+
+ROUTING_BLOCK = 1024  # tokens per program; the second pass reads all block histograms, (T / 1024) x E ints
+ONE_HOT_ELEMENTS = (
+    16384  # a program's (tokens x padded experts) one-hot tile: fewer tokens per program for many experts
+)
+MAX_EXPERTS = 256
+
+
+@triton.jit
+def _routing_count_kernel(
+    block_counts,  # [num_blocks, NUM_EXPERTS] int32 out
+    modality,  # [T] int64
+    T,
+    NUM_EXPERTS: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    tokens = block * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(modality + tokens, mask=tokens < T, other=-1).to(tl.int32)
+    experts = tl.arange(0, EXPERTS_PAD)
+    one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK, EXPERTS_PAD]
+    counts = tl.sum(one_hot, axis=0)
+    tl.store(block_counts + block * NUM_EXPERTS + experts, counts, mask=experts < NUM_EXPERTS)
+
+
+@triton.jit
+def _routing_scatter_kernel(
+    perm,  # [T] int32 out
+    inv_perm,  # [T] int32 out
+    offsets,  # [NUM_EXPERTS + 1] int32 out
+    modality,  # [T] int64
+    block_counts,  # [num_blocks, NUM_EXPERTS] int32
+    T,
+    num_blocks,
+    NUM_EXPERTS: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr,
+    BLOCKS_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    experts = tl.arange(0, EXPERTS_PAD)
+    blocks = tl.arange(0, BLOCKS_PAD)
+    valid = (blocks[:, None] < num_blocks) & (experts[None, :] < NUM_EXPERTS)
+    all_counts = tl.load(block_counts + blocks[:, None] * NUM_EXPERTS + experts[None, :], mask=valid, other=0)
+    totals = tl.sum(all_counts, axis=0)  # [EXPERTS_PAD] tokens per expert
+    expert_start = tl.cumsum(totals, axis=0) - totals  # exclusive prefix: first sorted row of each expert
+    earlier = tl.sum(tl.where(blocks[:, None] < block, all_counts, 0), axis=0)  # same expert, earlier blocks
+    base = expert_start + earlier
+
+    tokens = block * BLOCK + tl.arange(0, BLOCK)
+    in_range = tokens < T
+    ids = tl.load(modality + tokens, mask=in_range, other=-1).to(tl.int32)
+    one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK, EXPERTS_PAD]
+    rank = tl.cumsum(one_hot, axis=0) - one_hot  # earlier tokens of the same expert in this block (stable)
+    position = tl.sum(one_hot * (rank + base[None, :]), axis=1)
+    tl.store(inv_perm + tokens, position, mask=in_range)
+    tl.store(perm + position, tokens, mask=in_range)
+    if block == 0:
+        tl.store(offsets + experts, expert_start, mask=experts < NUM_EXPERTS)
+        tl.store(offsets + NUM_EXPERTS, T)
+
+
+def modality_routing(modality: Tensor, num_experts: int, *, block: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Stable expert-sorted order of the tokens: ``(perm, inv_perm, offsets)``, int32 on modality's device.
+
+    modality: ``(T,)`` int64, contiguous, ids in ``[0, num_experts)`` (not checked here: that would sync).
+    block: tokens per program (a power of two; default from the number of experts).
+    """
+    if modality.dim() != 1 or modality.dtype != torch.int64:
+        raise ValueError(f"modality must be a 1-D int64 tensor, got shape {tuple(modality.shape)}, {modality.dtype}")
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts must be in [1, {MAX_EXPERTS}] for the Triton routing, got {num_experts}")
+    modality = modality.contiguous()
+    tokens = modality.shape[0]
+    device = modality.device
+    perm = torch.empty(tokens, dtype=torch.int32, device=device)
+    inv_perm = torch.empty(tokens, dtype=torch.int32, device=device)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+    if tokens == 0:
+        return perm, inv_perm, offsets.zero_()
+    experts_pad = triton.next_power_of_2(num_experts)
+    if block is None:
+        block = max(64, min(ROUTING_BLOCK, ONE_HOT_ELEMENTS // experts_pad))
+    num_blocks = triton.cdiv(tokens, block)
+    block_counts = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=device)
+    _routing_count_kernel[(num_blocks,)](
+        block_counts, modality, tokens, NUM_EXPERTS=num_experts, EXPERTS_PAD=experts_pad, BLOCK=block
+    )
+    _routing_scatter_kernel[(num_blocks,)](
+        perm,
+        inv_perm,
+        offsets,
+        modality,
+        block_counts,
+        tokens,
+        num_blocks,
+        NUM_EXPERTS=num_experts,
+        EXPERTS_PAD=experts_pad,
+        BLOCKS_PAD=triton.next_power_of_2(num_blocks),
+        BLOCK=block,
+    )
+    return perm, inv_perm, offsets
+
+
+def _aot_specs() -> list[AotSpec]:
+    specs = []
+    for experts in (2, 3):
+        pad = triton.next_power_of_2(experts)
+        specs.append(
+            AotSpec(
+                f"routing_count_E{experts}",
+                _routing_count_kernel,
+                {"block_counts": "*i32", "modality": "*i64", "T": "i32"}
+                | {"NUM_EXPERTS": "constexpr", "EXPERTS_PAD": "constexpr", "BLOCK": "constexpr"},
+                {"NUM_EXPERTS": experts, "EXPERTS_PAD": pad, "BLOCK": ROUTING_BLOCK},
+            )
+        )
+        specs.append(
+            AotSpec(
+                f"routing_scatter_E{experts}",
+                _routing_scatter_kernel,
+                {"perm": "*i32", "inv_perm": "*i32", "offsets": "*i32", "modality": "*i64", "block_counts": "*i32"}
+                | {"T": "i32", "num_blocks": "i32"}
+                | {"NUM_EXPERTS": "constexpr", "EXPERTS_PAD": "constexpr", "BLOCKS_PAD": "constexpr"}
+                | {"BLOCK": "constexpr"},
+                {"NUM_EXPERTS": experts, "EXPERTS_PAD": pad, "BLOCKS_PAD": 16, "BLOCK": ROUTING_BLOCK},
+            )
+        )
+    return specs
+
+
+AOT_SPECS = _aot_specs()

@@ -1,0 +1,220 @@
+"""Triton backend of modality_linear / modality_ffn / modality_layer_norm against the float64 reference.
+
+Forward and every gradient, odd sizes (not multiples of the tiles or of 16), E = 1, 2, 3, an empty expert,
+all tokens in one expert, interleaved and split layouts, every activation; launcher outputs are poisoned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mome.ops import modality_ffn, modality_layer_norm, modality_linear
+from mome.ops._dispatch import BackendUnavailableError
+from mome.reference import modality_ffn_ref, modality_layer_norm_ref, modality_linear_ref
+from tests.helpers import TOLERANCE, assert_close, poison
+from tests.test_routing import make_ids
+
+pytest.importorskip("triton")
+
+INTERPRETER_DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    """Tensors the launchers allocate with torch.empty / empty_like start as NaN, so unwritten elements fail."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(seed: int, dtype: torch.dtype, *shapes_and_scales) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape, scale in shapes_and_scales:
+        if shape is None:
+            tensors.append(None)
+            continue
+        tensors.append((torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(_device(), dtype))
+    return tensors
+
+
+def _check_against_reference(run, reference, inputs, dtype, tol=None):
+    """Forward and the gradient of every tensor input against the float64 reference with one random cotangent."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    out = run(*leaves)
+    assert out.dtype == dtype
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out.backward(grad.to(out.device, dtype))
+    wide = [None if t is None else t.detach().double().cpu().requires_grad_() for t in inputs]
+    expected = reference(*wide)
+    expected.backward(grad)
+    assert_close(out.detach().cpu(), expected.detach(), tol, "forward")
+    for index, (leaf, ref) in enumerate(zip(leaves, wide, strict=True)):
+        if leaf is not None:
+            assert_close(leaf.grad.cpu(), ref.grad, tol, f"gradient of input {index}")
+
+
+LINEAR_CASES = [
+    # name, tokens, experts, din, dout, layout, activation, bias
+    ("T1", 1, 2, 24, 40, "interleaved", "gelu", True),
+    ("E1_plain_gemm", 45, 1, 20, 33, "interleaved", "relu", False),
+    ("E2_interleaved", 77, 2, 40, 24, "interleaved", "gelu", True),
+    ("E3_empty_expert", 70, 3, 17, 50, "empty", "gelu_tanh", True),
+    ("E3_all_in_one", 40, 3, 33, 20, "one", "relu", True),
+    ("E2_split_no_activation", 90, 2, 48, 36, "split", None, False),
+]
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c[0])
+def test_linear_forward_and_gradients(case, dtype):
+    _, tokens, experts, din, dout, layout, activation, has_bias = case
+    ids = make_ids(tokens, experts, layout, torch.Generator().manual_seed(tokens)).to(_device())
+    x, weight, bias = _inputs(
+        tokens,
+        dtype,
+        ((tokens, din), 1.0),
+        ((experts, dout, din), din**-0.5),
+        ((experts, dout) if has_bias else None, 1.0),
+    )
+    _check_against_reference(
+        lambda x_, w_, b_: modality_linear(x_, ids, w_, b_, activation=activation, backend="triton"),
+        lambda x_, w_, b_: modality_linear_ref(x_, ids.cpu(), w_, b_, activation=activation),
+        [x, weight, bias],
+        dtype,
+    )
+
+
+FFN_CASES = [
+    # name, tokens, experts, dim, hidden, dout, layout, activation, biases
+    ("E3_interleaved_gelu", 61, 3, 24, 40, 24, "interleaved", "gelu", True),
+    ("E2_empty_tanh", 50, 3, 17, 33, 20, "empty", "gelu_tanh", True),
+    ("E1_relu_no_bias", 37, 1, 20, 36, 20, "interleaved", "relu", False),
+    ("E2_split_no_activation", 45, 2, 16, 24, 18, "split", None, True),
+]
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: c[0])
+def test_ffn_forward_and_gradients(case, dtype):
+    _, tokens, experts, dim, hidden, dout, layout, activation, has_bias = case
+    ids = make_ids(tokens, experts, layout, torch.Generator().manual_seed(tokens)).to(_device())
+    tensors = _inputs(
+        tokens + 1,
+        dtype,
+        ((tokens, dim), 1.0),
+        ((experts, hidden, dim), dim**-0.5),
+        ((experts, hidden) if has_bias else None, 1.0),
+        ((experts, dout, hidden), hidden**-0.5),
+        ((experts, dout) if has_bias else None, 1.0),
+    )
+    _check_against_reference(
+        lambda *t: modality_ffn(t[0], ids, *t[1:], activation=activation, backend="triton"),
+        lambda *t: modality_ffn_ref(t[0], ids.cpu(), *t[1:], activation=activation),
+        tensors,
+        dtype,
+    )
+
+
+LAYER_NORM_CASES = [
+    # name, tokens, experts, dim, layout, bias
+    ("T1", 1, 2, 40, "interleaved", True),
+    ("E1", 33, 1, 24, "interleaved", True),
+    ("E3_empty_expert", 70, 3, 17, "empty", True),
+    ("E3_all_in_one_no_bias", 40, 3, 50, "one", False),
+    ("E2_split_wide", 37, 2, 200, "split", True),
+]
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=lambda c: c[0])
+def test_layer_norm_forward_and_gradients(case, dtype):
+    _, tokens, experts, dim, layout, has_bias = case
+    ids = make_ids(tokens, experts, layout, torch.Generator().manual_seed(tokens)).to(_device())
+    x, weight, bias = _inputs(
+        tokens + 2, dtype, ((tokens, dim), 3.0), ((experts, dim), 1.0), ((experts, dim) if has_bias else None, 1.0)
+    )
+    x = x + 0.5  # a mean far from zero exercises the centring
+    _check_against_reference(
+        lambda x_, w_, b_: modality_layer_norm(x_, ids, w_, b_, 1e-5, backend="triton"),
+        lambda x_, w_, b_: modality_layer_norm_ref(x_, ids.cpu(), w_, b_, 1e-5),
+        [x, weight, bias],
+        dtype,
+    )
+
+
+def test_no_tokens_gives_empty_outputs_and_zero_parameter_gradients():
+    ids = torch.zeros(0, dtype=torch.int64, device=_device())
+    x, w1, b1, w2, gamma = (
+        t.requires_grad_() for t in _inputs(1, torch.float32, ((0, 8), 1.0), ((2, 12, 8), 1.0), ((2, 12), 1.0),
+                                             ((2, 8, 12), 1.0), ((2, 8), 1.0))
+    )  # fmt: skip
+    hidden = modality_ffn(x, ids, w1, b1, w2, None, backend="triton")
+    out = hidden + modality_layer_norm(x, ids, gamma, backend="triton")
+    out.sum().backward()
+    assert out.shape == (0, 8) and x.grad.shape == (0, 8)
+    for name, param in dict(w1=w1, b1=b1, w2=w2, gamma=gamma).items():
+        assert torch.equal(param.grad, torch.zeros_like(param)), f"{name}: gradient of no tokens must be zero"
+
+
+def test_ffn_and_layer_norm_trace_under_torch_compile():
+    ids = make_ids(20, 3, "interleaved", torch.Generator().manual_seed(3)).to(_device())
+    x, w1, b1, w2, b2, gamma = _inputs(
+        5, torch.float32, ((20, 16), 1.0), ((3, 24, 16), 0.25), ((3, 24), 1.0), ((3, 16, 24), 0.2), ((3, 16), 1.0),
+        ((3, 16), 1.0),
+    )  # fmt: skip
+
+    def block(x_):
+        normed = modality_layer_norm(x_, ids, gamma, None, backend="triton")
+        return x_ + modality_ffn(normed, ids, w1, b1, w2, b2, backend="triton")
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 refusal only applies on CPU")
+def test_bf16_is_refused_under_the_interpreter():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match="bf16"):
+        modality_linear(
+            x, torch.zeros(4, dtype=torch.int64), torch.randn(1, 8, 8, dtype=torch.bfloat16), backend="triton"
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_beit3_like_shapes(dtype):
+    """Tile-sized GPU configs on a split + interleaved mix: 197 image tokens then 64 text tokens, per sample."""
+    ids = torch.cat([torch.zeros(197, dtype=torch.int64), torch.ones(64, dtype=torch.int64)]).repeat(3)
+    ids[::7] = 2
+    ids = ids.cuda()
+    tokens = ids.numel()
+    tensors = _inputs(
+        11,
+        dtype,
+        ((tokens, 768), 1.0),
+        ((3, 3072, 768), 768**-0.5),
+        ((3, 3072), 1.0),
+        ((3, 768, 3072), 3072**-0.5),
+        ((3, 768), 1.0),
+    )
+    _check_against_reference(
+        lambda *t: modality_ffn(t[0], ids, *t[1:], activation="gelu", backend="triton"),
+        lambda *t: modality_ffn_ref(t[0], ids.cpu(), *t[1:], activation="gelu"),
+        tensors,
+        dtype,
+        tol=TOLERANCE[dtype] * (3 if dtype == torch.float32 else 1),
+    )
+    x, gamma, beta = _inputs(12, dtype, ((tokens, 1024), 2.0), ((3, 1024), 1.0), ((3, 1024), 1.0))
+    _check_against_reference(
+        lambda x_, w_, b_: modality_layer_norm(x_, ids, w_, b_, backend="triton"),
+        lambda x_, w_, b_: modality_layer_norm_ref(x_, ids.cpu(), w_, b_),
+        [x, gamma, beta],
+        dtype,
+    )
