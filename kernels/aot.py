@@ -31,7 +31,11 @@ KERNEL_MODULES_PACKAGE = "mome.kernels"
 @dataclass(frozen=True)
 class AotSpec:
     """One compile: ``signature`` maps every argument to a Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``,
-    ``"constexpr"``); ``constexprs`` gives the constexpr values."""
+    ``"constexpr"``); ``constexprs`` gives the constexpr values.
+
+    Like Triton's launch-time specialisation, every pointer is taken as 16-byte aligned (torch allocations
+    are); ``divisible_by_16`` names the integer arguments (sizes, strides) to specialise the same way.
+    """
 
     name: str
     fn: object
@@ -39,6 +43,7 @@ class AotSpec:
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    divisible_by_16: tuple[str, ...] = ()
 
 
 def collect_specs(package: str = KERNEL_MODULES_PACKAGE) -> list[AotSpec]:
@@ -79,7 +84,9 @@ def compile_spec(spec: AotSpec, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    aligned = [name for name, kind in spec.signature.items() if kind.startswith("*")] + list(spec.divisible_by_16)
+    attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     return {

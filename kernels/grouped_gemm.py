@@ -458,7 +458,10 @@ def _gemm_spec(dtype: str, variant: tuple) -> AotSpec:
     constexprs |= dict(ACTIVATION=activation, SAVE_PRE=save_pre, A_ACTIVATION=a_activation)
     constexprs |= dict(GRAD_ACTIVATION=grad_activation, B_TRANSPOSED=grad_activation == 0, DOT_PRECISION="ieee")
     constexprs |= dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if prologue or dtype == "fp32" else 64)
-    return AotSpec(f"grouped_gemm_{name}_{dtype}", _grouped_gemm_kernel, signature, constexprs, num_warps=8)
+    return AotSpec(
+        f"grouped_gemm_{name}_{dtype}", _grouped_gemm_kernel, signature, constexprs, num_warps=8,
+        divisible_by_16=("N", "K"),  # model widths (768, 3072, ...): what launch-time specialisation sees
+    )  # fmt: skip
 
 
 def _weight_grad_spec(dtype: str, variant: tuple) -> AotSpec:
@@ -470,8 +473,9 @@ def _weight_grad_spec(dtype: str, variant: tuple) -> AotSpec:
     constexprs = dict(NUM_EXPERTS=experts, HAS_BIAS=bias, ACTIVATION=activation, X_ACTIVATION=x_activation)
     constexprs |= dict(DOT_PRECISION="ieee", BLOCK_M=32, BLOCK_N=128, BLOCK_K=128)
     return AotSpec(
-        f"grouped_weight_grad_{name}_{dtype}", _grouped_weight_grad_kernel, signature, constexprs, num_warps=8
-    )
+        f"grouped_weight_grad_{name}_{dtype}", _grouped_weight_grad_kernel, signature, constexprs, num_warps=8,
+        divisible_by_16=("N", "K"),
+    )  # fmt: skip
 
 
 def _aot_specs() -> list[AotSpec]:
