@@ -13,8 +13,8 @@ pytest.importorskip("triton")
 COMPILER_ENV = {**os.environ, "TRITON_INTERPRET": "0"}
 
 
-def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=COMPILER_ENV,
+def run_script(path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=COMPILER_ENV,
                           timeout=600)  # fmt: skip
 
 
@@ -24,7 +24,9 @@ def test_every_registered_kernel_compiles_for_sm80_and_sm90(tmp_path):
                             text=True, env=COMPILER_ENV, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(report.read_text())
-    listed = run_python("from mome.kernels.aot import collect_specs; print(len(collect_specs()))")
+    counter = tmp_path / "count.py"
+    counter.write_text("from mome.kernels.aot import collect_specs\nprint(len(collect_specs()))\n")
+    listed = run_script(counter)
     assert listed.returncode == 0, listed.stderr
     assert len(rows) == 2 * int(listed.stdout), "each spec compiles once per architecture"
     assert {row["arch"] for row in rows} <= {"sm_80", "sm_90"}
@@ -51,10 +53,12 @@ CHECKER = textwrap.dedent(
 )
 
 
-def test_compile_spec_reports_resources_and_rejects_an_invalid_variant():
-    good = run_python(CHECKER, "128")
+def test_compile_spec_reports_resources_and_rejects_an_invalid_variant(tmp_path):
+    script = tmp_path / "checker.py"  # @triton.jit needs its source in a file
+    script.write_text(CHECKER)
+    good = run_script(script, "128")
     assert good.returncode == 0, good.stderr[-2000:]
     arch, registers = good.stdout.split()
     assert arch == "sm_90" and (registers == "None" or int(registers) > 0)
-    bad = run_python(CHECKER, "100")  # tl.arange needs a power-of-two range: a GPU-compile error
+    bad = run_script(script, "100")  # tl.arange needs a power-of-two range: a GPU-compile error
     assert bad.returncode != 0 and "power of 2" in bad.stderr
