@@ -1,1 +1,42 @@
 """Drop-in nn.Modules built on mome.ops: attention, multiway layers, MoME layers, heads."""
+
+from mome.nn.attention import MultiheadAttention, MultiwaySelfAttention, SharedSelfAttention, replace_attention
+from mome.nn.decoder import CaptionDecoder
+from mome.nn.heads import ITCHead, ITMHead, MLMHead, itm_inputs, mask_tokens
+from mome.nn.itc import ITCLoss
+from mome.nn.layer import MoMELayer
+from mome.nn.multiway import (
+    LANGUAGE,
+    VISION,
+    VISION_LANGUAGE,
+    ModalityFFN,
+    MultiwayLayerNorm,
+    MultiwayLinear,
+    modality_from_split,
+)
+from mome.nn.training import FeatureQueue, copy_params, momentum_update
+
+__all__ = [
+    "LANGUAGE",
+    "VISION",
+    "VISION_LANGUAGE",
+    "CaptionDecoder",
+    "FeatureQueue",
+    "ITCHead",
+    "ITCLoss",
+    "ITMHead",
+    "MLMHead",
+    "ModalityFFN",
+    "MoMELayer",
+    "MultiheadAttention",
+    "MultiwayLayerNorm",
+    "MultiwayLinear",
+    "MultiwaySelfAttention",
+    "SharedSelfAttention",
+    "copy_params",
+    "itm_inputs",
+    "mask_tokens",
+    "modality_from_split",
+    "momentum_update",
+    "replace_attention",
+]

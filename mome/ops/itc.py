@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mome.ops._dispatch import OpBackends, _import
+from mome.ops._dispatch import BACKENDS as BACKEND_NAMES
+from mome.ops._dispatch import OpBackends
 from mome.ops._validate import INT_DTYPES, check_choice, check_device, check_float, check_same, check_shape, check_tensor
 from mome.reference.itc import ITCOutput
 
@@ -15,6 +16,12 @@ BACKENDS = OpBackends(
 )
 HARD_NEGATIVES = (None, "sample", "hardest")
 _NO_MINING = "none"
+
+
+def _backend_inputs(image_feats, text_feats, image_feats_m, text_feats_m, image_queue, text_queue, alpha, mining):
+    """What the backends' ``unsupported_reason`` sees (the backward repeats the forward's choice from it)."""
+    return dict(image_feats=image_feats, text_feats=text_feats, image_feats_m=image_feats_m, text_feats_m=text_feats_m,
+                image_queue=image_queue, text_queue=text_queue, alpha=alpha, hard_negatives=mining)  # fmt: skip
 
 
 @torch.library.custom_op("mome::itc_loss_fwd", mutates_args=())
@@ -33,7 +40,9 @@ def _itc_fwd(
     seed: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    module = _import(BACKENDS.modules[backend])
+    mining = None if hard_negatives == _NO_MINING else hard_negatives
+    features = (image_feats, text_feats, image_feats_m, text_feats_m, image_queue, text_queue)
+    module = BACKENDS.module(backend, image_feats.device, _backend_inputs(*features, alpha, mining))
     return module.itc_loss_fwd(
         image_feats,
         text_feats,
@@ -45,7 +54,7 @@ def _itc_fwd(
         positive_ids,
         queue_ids,
         alpha=alpha,
-        hard_negatives=None if hard_negatives == _NO_MINING else hard_negatives,
+        hard_negatives=mining,
         seed=int(seed),
     )
 
@@ -78,7 +87,8 @@ def _itc_bwd(
     alpha: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    module = _import(BACKENDS.modules[backend])
+    features = (image_feats, text_feats, image_feats_m, text_feats_m, image_queue, text_queue)
+    module = BACKENDS.module(backend, image_feats.device, _backend_inputs(*features, alpha, None))
     return module.itc_loss_bwd(
         d_loss_i2t,
         d_loss_t2i,
@@ -231,7 +241,7 @@ def itc_loss(
         image_queue=image_queue,
         text_queue=text_queue,
     )
-    chosen, _ = BACKENDS.choose(backend, image_feats.device, dict(features, alpha=alpha, hard_negatives=hard_negatives))
+    check_choice("backend", backend, ("auto", *BACKEND_NAMES))
     contiguous = {name: None if t is None else t.contiguous() for name, t in features.items()}
     loss_i2t, loss_t2i, neg_text, neg_image, _lse_i2t, _lse_t2i = _itc_fwd(
         contiguous["image_feats"],
@@ -246,7 +256,7 @@ def itc_loss(
         float(alpha),
         _NO_MINING if hard_negatives is None else hard_negatives,
         seed.cpu(),
-        chosen,
+        backend,
     )
     mined = hard_negatives is not None
     return ITCOutput(
