@@ -34,7 +34,7 @@ def naive_attention(q, k, v, *, causal, key_padding_mask, prefix_len, modality, 
                     continue
                 scores = torch.stack([q[b, h, i] @ k[b, kv, j] * scale for j in visible])
                 weights = torch.softmax(scores, dim=0)
-                out[b, h, i] = sum(w * v[b, kv, j] for w, j in zip(weights, visible))
+                out[b, h, i] = sum(w * v[b, kv, j] for w, j in zip(weights, visible, strict=True))
     return out
 
 

@@ -53,8 +53,9 @@ def test_albef_mode_equals_albef_formula():
     idx = torch.tensor([0, 1, 0, 2, 3, 3])
     idx_queue = torch.randint(0, 6, (queue,), generator=torch.Generator().manual_seed(6))
     expected = albef_ita_formula(image, text, image_m, text_m, image_queue, text_queue, idx, idx_queue, temp, alpha)
-    result = itc_loss(image, text, 1 / temp, image_feats_m=image_m, text_feats_m=text_m, image_queue=image_queue,
-                      text_queue=text_queue, alpha=alpha, positive_ids=idx, queue_ids=idx_queue, backend="reference")  # fmt: skip
+    momentum = dict(image_feats_m=image_m, text_feats_m=text_m, image_queue=image_queue, text_queue=text_queue)
+    result = itc_loss(image, text, 1 / temp, **momentum, alpha=alpha, positive_ids=idx, queue_ids=idx_queue,
+                      backend="reference")  # fmt: skip
     assert_close(result.loss, expected, 1e-13)
 
 
@@ -66,9 +67,10 @@ def explicit_direction(rows, columns, scale, positives, soft_rows=None, alpha=0.
         count = sum(bool(p) for p in positives[i])
         targets = torch.tensor([float(p) / count for p in positives[i]], dtype=torch.float64)
         if alpha > 0:
-            targets = alpha * torch.softmax(torch.stack([scale * soft_rows[i] @ c for c in columns]), 0) + (
-                1 - alpha
-            ) * targets
+            targets = (
+                alpha * torch.softmax(torch.stack([scale * soft_rows[i] @ c for c in columns]), 0)
+                + (1 - alpha) * targets
+            )
         total = total - (targets * (logits - torch.logsumexp(logits, 0))).sum()
     return total / rows.shape[0]
 
@@ -82,8 +84,9 @@ def test_duplicate_ids_queue_and_distillation_match_explicit_targets():
     text_columns, image_columns = torch.cat([text_m, text_queue]), torch.cat([image_m, image_queue])
     loss_i2t = explicit_direction(image, text_columns, scale, positives, image_m, alpha)
     loss_t2i = explicit_direction(text, image_columns, scale, positives, text_m, alpha)
-    result = itc_loss(image, text, scale, image_feats_m=image_m, text_feats_m=text_m, image_queue=image_queue,
-                      text_queue=text_queue, alpha=alpha, positive_ids=ids, queue_ids=queue_ids, backend="reference")  # fmt: skip
+    momentum = dict(image_feats_m=image_m, text_feats_m=text_m, image_queue=image_queue, text_queue=text_queue)
+    result = itc_loss(image, text, scale, **momentum, alpha=alpha, positive_ids=ids, queue_ids=queue_ids,
+                      backend="reference")  # fmt: skip
     assert_close(result.loss_i2t, loss_i2t, 1e-13, "loss_i2t")
     assert_close(result.loss_t2i, loss_t2i, 1e-13, "loss_t2i")
 

@@ -33,10 +33,21 @@ K = torch.randn(2, 2, 6, 8)
         (ValueError, "prefix_len", dict(causal=True, prefix_len=torch.tensor([1, 2, 3]))),
         (TypeError, "prefix_len", dict(causal=True, prefix_len=2.5)),
         (ValueError, "modality_mask", dict(modality=torch.zeros(2, 6, dtype=torch.long))),
-        (ValueError, "modality", dict(modality=torch.full((2, 6), 3), modality_mask=torch.ones(2, 2, dtype=torch.bool))),
-        (ValueError, "modality", dict(modality=torch.zeros(2, 5, dtype=torch.long),
-                                      modality_mask=torch.ones(2, 2, dtype=torch.bool))),  # fmt: skip
-        (TypeError, "modality_mask", dict(modality=torch.zeros(2, 6, dtype=torch.long), modality_mask=torch.ones(2, 2))),
+        (
+            ValueError,
+            "modality",
+            dict(modality=torch.full((2, 6), 3), modality_mask=torch.ones(2, 2, dtype=torch.bool)),
+        ),
+        (
+            ValueError,
+            "modality",
+            dict(modality=torch.zeros(2, 5, dtype=torch.long), modality_mask=torch.ones(2, 2, dtype=torch.bool)),
+        ),  # fmt: skip
+        (
+            TypeError,
+            "modality_mask",
+            dict(modality=torch.zeros(2, 6, dtype=torch.long), modality_mask=torch.ones(2, 2)),
+        ),
         (ValueError, "backend", dict(backend="fastest")),
     ],
 )

@@ -41,16 +41,16 @@ def _vjp(fn, inputs: list[Tensor | None], grads: list[Tensor | None]) -> list[Te
 
     def on_present(*values):
         full = list(inputs)
-        for index, value in zip(present, values):
+        for index, value in zip(present, values, strict=True):
             full[index] = value
         outputs = fn(*[None if t is None else t.to(dtype) for t in full])
         return outputs if isinstance(outputs, tuple) else (outputs,)
 
     outputs, pullback = torch.func.vjp(on_present, *[inputs[i] for i in present])
-    cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, grads))
+    cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, grads, strict=True))
     computed = pullback(cotangents)
     result: list[Tensor | None] = [None] * len(inputs)
-    for index, grad in zip(present, computed):
+    for index, grad in zip(present, computed, strict=True):
         result[index] = grad.to(inputs[index].dtype)
     return result
 
@@ -170,6 +170,7 @@ def itc_loss_fwd(
     image_columns = torch.cat([c for c in (up[3] if up[3] is not None else up[0], up[5]) if c is not None])
     lse_i2t = torch.logsumexp(up[2] * up[0] @ text_columns.T, dim=1)
     lse_t2i = torch.logsumexp(up[2] * up[1] @ image_columns.T, dim=1)
+
     def picked(indices):
         return torch.empty(0, dtype=torch.int64, device=image_feats.device) if indices is None else indices
 

@@ -33,7 +33,7 @@ def check_float(name: str, value, *, ndim: int) -> Tensor:
 
 def check_shape(name: str, value: Tensor, expected: Sequence[int | None], what: str = "") -> None:
     """``expected`` holds sizes, or None where any size is fine; ``what`` explains where the sizes come from."""
-    ok = value.dim() == len(expected) and all(e is None or s == e for s, e in zip(value.shape, expected))
+    ok = value.dim() == len(expected) and all(e is None or s == e for s, e in zip(value.shape, expected, strict=False))
     if not ok:
         pretty = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         suffix = f" {what}" if what else ""

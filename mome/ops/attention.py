@@ -192,7 +192,9 @@ def attention(
     check_shape("v", v, k.shape, "(the shape of k)")
     kv_heads, nk = k.shape[1], k.shape[2]
     if kv_heads == 0 or heads % kv_heads != 0:
-        raise ValueError(f"q's heads ({heads}) must be a multiple of k's heads ({kv_heads}) for grouped-query attention")
+        raise ValueError(
+            f"q's heads ({heads}) must be a multiple of k's heads ({kv_heads}) for grouped-query attention"
+        )
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask)
         check_bool("key_padding_mask", key_padding_mask)
