@@ -1,0 +1,420 @@
+"""``python -m mome demo``: train a tiny VLMo-style model from scratch on generated shapes and captions.
+
+Stage 1 trains the MoME encoder with VLMo's objectives: image-text contrastive (ITC), image-text
+matching (ITM) on the hard negatives that ``mome.ops.itc_loss`` samples, and masked language
+modelling (MLM) on fused image-text input. Stage 2 freezes the encoder and trains a caption decoder
+on its image tokens. Then it reports retrieval on held-out pairs next to chance, shows a few
+generated captions, and writes a JSON of the metrics and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mome.models import MoMETransformer, vlmo_tiny
+from mome.nn import ITCHead, ITMHead, MLMHead, itm_inputs, mask_tokens
+from mome.nn.decoder import CaptionDecoder
+from mome.shapes_data import CaptionBatch, ShapesCaptions
+
+
+@dataclass
+class DemoOptions:
+    steps: int = 800  # training steps in all: stage 1 takes `encoder_fraction`, captioning the rest
+    seed: int = 0
+    out: str = "mome-demo"
+    device: str = "auto"
+    batch_size: int = 48
+    itm_pairs: int = 16  # ITM and MLM run on this many of the batch's pairs (ITC uses them all)
+    eval_size: int = 256
+    encoder_fraction: float = 0.7
+    lr: float = 2e-3
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    mlm_prob: float = 0.25
+    layer_scale: float | None = None
+    caption_encoder_lr: float = 0.0  # stage 2 learning rate of the encoder relative to lr; 0 freezes it
+    pool: str = "mean"  # ITC features: "cls" (VLMo) or the mean of the unpadded tokens; ITM reads the fused [CLS]
+    quiet: bool = False
+
+
+@dataclass
+class History:
+    """Loss curves of both stages (one entry per step)."""
+
+    itc: list[float] = field(default_factory=list)
+    itm: list[float] = field(default_factory=list)
+    mlm: list[float] = field(default_factory=list)
+    caption: list[float] = field(default_factory=list)
+
+
+class Progress:
+    """A dependency-free progress line: redrawn in place on a terminal, every 10% otherwise."""
+
+    def __init__(self, total: int, label: str, quiet: bool = False, stream=None) -> None:
+        self.total, self.label, self.quiet = total, label, quiet
+        self.stream = sys.stderr if stream is None else stream
+        self.start = time.perf_counter()
+        self.inline = getattr(self.stream, "isatty", lambda: False)()
+
+    def update(self, done: int, note: str = "") -> None:
+        if self.quiet or not (self.inline or done == self.total or done % max(self.total // 10, 1) == 0):
+            return
+        elapsed = time.perf_counter() - self.start
+        filled = int(24 * done / max(self.total, 1))
+        line = (
+            f"{self.label} [{'#' * filled}{'.' * (24 - filled)}] {done}/{self.total} {note} {done / elapsed:.1f} it/s"
+        )
+        print(("\r" + line) if self.inline else line, end="" if self.inline else "\n", file=self.stream, flush=True)
+        if self.inline and done == self.total:
+            print(file=self.stream, flush=True)
+
+
+class Pretrainer(nn.Module):
+    """The encoder and its three stage-1 heads."""
+
+    def __init__(self, options: DemoOptions, vocab_size: int, max_len: int) -> None:
+        super().__init__()
+        config = vlmo_tiny(
+            dim=options.dim,
+            depth=options.depth,
+            heads=options.heads,
+            vl_layers=1,
+            layer_scale_init=options.layer_scale,
+            vocab_size=vocab_size,
+            max_text_len=max_len,
+            image_size=options.image_size,
+            patch_size=options.patch_size,
+        )
+        self.encoder = MoMETransformer(config)
+        self.itc = ITCHead(options.dim, options.dim, init_temperature=0.1)
+        self.itm = ITMHead(options.dim)
+        self.mlm = MLMHead(options.dim, vocab_size)
+        self.pool = options.pool
+
+    def pooled(self, output, padding: Tensor | None, which: str) -> Tensor:
+        """The ITC feature of ``which`` ("image" or "text"): its [CLS] state, or the mean of its unpadded tokens.
+
+        The mean gives every sample a distinct feature from the first step; a tiny model trained for
+        a few hundred steps learns far faster from it than from a [CLS] token that starts out equal for all.
+        """
+        if self.pool == "cls":
+            return output.image_cls if which == "image" else output.text_cls
+        if padding is None:
+            return output.hidden.mean(1)
+        keep = (~padding).unsqueeze(-1).to(output.hidden.dtype)  # [B, N, 1]
+        return (output.hidden * keep).sum(1) / keep.sum(1)
+
+    @staticmethod
+    def _itm_subset(pairs, group_sizes: list[int], count: int):
+        """The first ``count`` rows of each group of ``itm_inputs`` (positives, negative texts, negative images)."""
+        rows, start = [], 0
+        for size in group_sizes:
+            rows.append(torch.arange(start, start + min(size, count)))
+            start += size
+        rows = torch.cat(rows).to(pairs[0].device)
+        return [None if t is None else t[rows] for t in pairs]
+
+    def text_states(self, hidden: Tensor, text_len: int) -> Tensor:
+        """The text positions of an ``encode_pair`` output (VLMo puts the text first)."""
+        return hidden[:, :text_len] if self.encoder.config.layout == "vlmo" else hidden[:, -text_len:]
+
+    def losses(self, batch: CaptionBatch, data: ShapesCaptions, options: DemoOptions, generator) -> dict[str, Tensor]:
+        images, text_ids, padding = batch.images, batch.text_ids, batch.padding_mask
+        image_embed, text_embed = self.itc(
+            self.pooled(self.encoder.encode_image(images), None, "image"),
+            self.pooled(self.encoder.encode_text(text_ids, padding), padding, "text"),
+        )
+        # pairs with equal captions are positives of each other, and never each other's hard negatives
+        itc = self.itc.loss(
+            image_embed, text_embed, positive_ids=batch.caption_ids, hard_negatives="sample", generator=generator
+        )
+        pairs = itm_inputs(images, text_ids, padding, itc.neg_text_idx, itc.neg_image_idx)
+        groups = [images.shape[0], int((itc.neg_text_idx >= 0).sum()), int((itc.neg_image_idx >= 0).sum())]
+        pair_images, pair_ids, pair_padding, labels = self._itm_subset(pairs, groups, options.itm_pairs)
+        fused = self.encoder.encode_pair(pair_images, pair_ids, pair_padding)
+        itm = F.cross_entropy(self.itm(self.encoder.fused_cls(fused)), labels)
+        tokenizer = data.tokenizer
+        masked_ids, mlm_labels = mask_tokens(
+            text_ids,
+            padding,
+            tokenizer.mask_id,
+            tokenizer.vocab_size,
+            prob=options.mlm_prob,
+            generator=generator,
+            special_ids=tokenizer.special_ids,
+        )
+        few = slice(0, options.itm_pairs)
+        hidden = self.encoder.encode_pair(images[few], masked_ids[few], padding[few]).hidden
+        mlm = self.mlm.loss(self.text_states(hidden, text_ids.shape[1]), mlm_labels[few])
+        return {"itc": itc.loss, "itm": itm, "mlm": mlm}
+
+
+def _on(batch: CaptionBatch, device: torch.device) -> CaptionBatch:
+    return CaptionBatch(
+        batch.images.to(device),
+        batch.text_ids.to(device),
+        batch.padding_mask.to(device),
+        batch.caption_ids.to(device),
+        batch.captions,
+    )
+
+
+def _optimizer(params, options: DemoOptions, steps: int):
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.01)
+    warmup = max(steps // 10, 1)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def train_encoder(model, data, options, steps, device, history, generator) -> None:
+    optimizer, scheduler = _optimizer(model.parameters(), options, steps)
+    progress = Progress(steps, "stage 1/2 ITC+ITM+MLM", options.quiet)
+    model.train()
+    for step in range(steps):
+        losses = model.losses(_on(data.train_batch(options.batch_size), device), data, options, generator)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        for name, value in losses.items():
+            getattr(history, name).append(value.detach().item())
+        progress.update(step + 1, f"loss {loss.detach().item():.3f}")
+
+
+def train_decoder(model, decoder, data, options, steps, device, history) -> None:
+    params = [{"params": decoder.parameters()}]
+    if options.caption_encoder_lr > 0:  # the image expert keeps learning, slower, from the caption loss (BLIP)
+        params.append({"params": model.encoder.parameters(), "lr": options.lr * options.caption_encoder_lr})
+    optimizer, scheduler = _optimizer(params, options, steps)
+    progress = Progress(steps, "stage 2/2 captioning  ", options.quiet)
+    model.train(options.caption_encoder_lr > 0)
+    decoder.train()
+    for step in range(steps):
+        batch = _on(data.train_batch(options.batch_size), device)
+        with torch.set_grad_enabled(options.caption_encoder_lr > 0):
+            image_tokens = model.encoder.encode_image(batch.images).hidden
+        loss = decoder.loss(batch.text_ids, image_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        history.caption.append(loss.detach().item())
+        progress.update(step + 1, f"loss {loss.detach().item():.3f}")
+
+
+def recall_at(similarity: Tensor, k: int) -> float:
+    """Fraction of rows whose own column (the diagonal) ranks in the top k."""
+    k = min(k, similarity.shape[1])
+    top = similarity.topk(k, dim=1).indices
+    return float((top == torch.arange(similarity.shape[0], device=similarity.device)[:, None]).any(1).float().mean())
+
+
+@torch.no_grad()
+def evaluate(model, decoder, held_out: CaptionBatch, data, options, device) -> dict:
+    model.eval()
+    decoder.eval()
+    batch = _on(held_out, device)
+    image_embed, text_embed = model.itc(
+        model.pooled(model.encoder.encode_image(batch.images), None, "image"),
+        model.pooled(model.encoder.encode_text(batch.text_ids, batch.padding_mask), batch.padding_mask, "text"),
+    )
+    similarity = image_embed @ text_embed.T  # [N images, N texts]
+    size = similarity.shape[0]
+    retrieval = {
+        "image_to_text": {"R@1": recall_at(similarity, 1), "R@5": recall_at(similarity, 5)},
+        "text_to_image": {"R@1": recall_at(similarity.T, 1), "R@5": recall_at(similarity.T, 5)},
+        "chance": {"R@1": 1 / size, "R@5": min(5, size) / size},
+    }
+    tokenizer = data.tokenizer
+    image_tokens = model.encoder.encode_image(batch.images).hidden
+    ids = decoder.generate(image_tokens, data.max_len - 1, tokenizer.bos_id, tokenizer.eos_id)
+    generated = tokenizer.decode(ids.cpu())
+    exact = sum(g == t for g, t in zip(generated, held_out.captions, strict=True)) / size
+    words = [(g.split(), t.split()) for g, t in zip(generated, held_out.captions, strict=True)]
+    right_words = sum(sum(a == b for a, b in zip(g, t, strict=False)) for g, t in words)
+    return {
+        "held_out_pairs": size,
+        "retrieval": retrieval,
+        "caption_exact_match": exact,
+        "caption_word_accuracy": right_words / sum(len(t) for _, t in words),
+        "examples": [{"truth": t, "generated": g} for t, g in zip(held_out.captions[:6], generated[:6], strict=True)],
+    }
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N, got {name!r} ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__})")
+    return device
+
+
+def write_plot(history: History, metrics: dict, path: Path) -> str | None:
+    """A PNG of the loss curves and the retrieval bars; returns why it was skipped, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        return f"matplotlib is not installed ({error}); pip install matplotlib to get the plot"
+    fig, (losses, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("itc", "itm", "mlm", "caption"):
+        values = getattr(history, name)
+        if not values:
+            continue
+        start = 0 if name != "caption" else len(history.itc)
+        window = max(len(values) // 30, 1)
+        smooth = torch.tensor(values).unfold(0, window, 1).mean(1).tolist() if len(values) >= window else values
+        losses.plot(range(start + window - 1, start + window - 1 + len(smooth)), smooth, label=name)
+    losses.set(xlabel="step", ylabel="loss (running mean)", title="training losses", yscale="log")
+    losses.legend()
+    retrieval = metrics["retrieval"]
+    labels = ["i→t R@1", "i→t R@5", "t→i R@1", "t→i R@5"]
+    values = [retrieval[d][k] for d in ("image_to_text", "text_to_image") for k in ("R@1", "R@5")]
+    chance = [retrieval["chance"][k] for _ in range(2) for k in ("R@1", "R@5")]
+    positions = range(len(labels))
+    bars.bar([p - 0.2 for p in positions], values, width=0.4, label="model")
+    bars.bar([p + 0.2 for p in positions], chance, width=0.4, label="chance")
+    bars.set_xticks(list(positions), labels)
+    bars.set(ylim=(0, 1), title=f"retrieval on {metrics['held_out_pairs']} held-out pairs")
+    bars.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def run_demo(options: DemoOptions) -> dict:
+    """Train both stages, evaluate, write ``metrics.json`` and ``demo.png`` under ``options.out``."""
+    if options.steps < 2:
+        raise ValueError(f"steps must be at least 2 (one per stage), got {options.steps}")
+    start = time.perf_counter()
+    device = _pick_device(options.device)
+    torch.manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
+    data = ShapesCaptions(options.seed, options.image_size)
+    tokenizer = data.tokenizer
+    model = Pretrainer(options, tokenizer.vocab_size, data.max_len).to(device)
+    decoder = CaptionDecoder(
+        tokenizer.vocab_size,
+        options.dim,
+        depth=2,
+        heads=options.heads,
+        max_len=data.max_len,
+        pad_id=tokenizer.pad_id,
+        label_smoothing=0.1,
+    ).to(device)
+    encoder_steps = min(max(round(options.steps * options.encoder_fraction), 1), options.steps - 1)
+    history = History()
+    train_encoder(model, data, options, encoder_steps, device, history, generator)
+    train_decoder(model, decoder, data, options, options.steps - encoder_steps, device, history)
+    metrics = evaluate(model, decoder, data.held_out(options.eval_size), data, options, device)
+    metrics.update(
+        seconds=time.perf_counter() - start,
+        device=str(device),
+        options=asdict(options),
+        history=asdict(history),
+    )
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_path = out / "demo.png"
+    skipped = write_plot(history, metrics, plot_path)
+    metrics["plot"] = None if skipped else str(plot_path)
+    metrics["plot_skipped"] = skipped
+    return metrics
+
+
+def print_report(metrics: dict, out: Path) -> None:
+    retrieval = metrics["retrieval"]
+    chance = retrieval["chance"]
+    print(f"\nretrieval on {metrics['held_out_pairs']} held-out image-caption pairs (ITC similarity):")
+    print(f"  {'':<14}{'R@1':>8}{'R@5':>8}")
+    for name, label in (("image_to_text", "image → text"), ("text_to_image", "text → image")):
+        print(f"  {label:<14}{retrieval[name]['R@1']:>8.1%}{retrieval[name]['R@5']:>8.1%}")
+    print(f"  {'chance':<14}{chance['R@1']:>8.1%}{chance['R@5']:>8.1%}")
+    print(
+        f"\ncaptions (greedy, KV cache) on held-out images: {metrics['caption_exact_match']:.1%} exactly right, "
+        f"{metrics['caption_word_accuracy']:.1%} of the words right in place"
+    )
+    for example in metrics["examples"]:
+        mark = "=" if example["generated"] == example["truth"] else "≠"
+        print(f"  truth: {example['truth']:<48} {mark} generated: {example['generated']}")
+    print(f"\nmetrics: {out / 'metrics.json'}")
+    if metrics["plot"]:
+        print(f"plot:    {metrics['plot']}")
+    else:
+        print(f"plot skipped: {metrics['plot_skipped']}")
+    print(f"took {metrics['seconds']:.0f} s on {metrics['device']}")
+
+
+def parse_args(argv: list[str] | None) -> DemoOptions:
+    defaults = DemoOptions()
+    parser = argparse.ArgumentParser(
+        prog="python -m mome demo",
+        description="Train a tiny VLMo-style MoME model from scratch on generated shapes and captions, then report "
+        "retrieval on held-out pairs and generated captions.",
+    )
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps, both stages together")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds the data, the model and sampling")
+    parser.add_argument("--out", default=defaults.out, help="folder for metrics.json and demo.png")
+    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda (cuda runs the GPU kernels)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--eval-size", type=int, default=defaults.eval_size, help="held-out pairs for retrieval")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (default 1: the ops are tiny, more threads mostly wait)"
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    return DemoOptions(
+        steps=args.steps,
+        seed=args.seed,
+        out=args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        eval_size=args.eval_size,
+        quiet=args.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    print(
+        f"mome demo: a {options.depth}-layer VLMo-style MoME (dim {options.dim}) learns {options.image_size}px "
+        f"shapes and their captions from scratch, {options.steps} steps, seed {options.seed}",
+        flush=True,
+    )
+    metrics = run_demo(options)
+    print_report(metrics, Path(options.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

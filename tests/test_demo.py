@@ -1,0 +1,138 @@
+"""The demo's data set and tokenizer, and a short training run that must retrieve far above chance."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mome.demo import DemoOptions, History, Progress, main, recall_at, run_demo, write_plot
+from mome.shapes_data import COLORS, CaptionTokenizer, ShapesCaptions, render, sample_scene
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP contention and keeps runs deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_batches_are_deterministic_from_the_seed():
+    first, again, other = ShapesCaptions(3), ShapesCaptions(3), ShapesCaptions(4)
+    a, b, c = first.train_batch(8), again.train_batch(8), other.train_batch(8)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert a.captions != c.captions
+    assert first.train_batch(8).captions != a.captions, "successive batches should differ"
+    assert a.images.shape == (8, 3, 32, 32) and a.images.dtype == torch.float32
+    assert torch.equal(first.held_out(16).images, again.held_out(16).images)
+
+
+def test_held_out_captions_are_distinct_and_ids_follow_captions():
+    data = ShapesCaptions(0)
+    held_out = data.held_out(200)
+    assert len(set(held_out.captions)) == 200
+    assert len(set(held_out.caption_ids.tolist())) == 200
+    batch = data.train_batch(400)
+    by_caption = {}
+    for caption, caption_id in zip(batch.captions, batch.caption_ids.tolist(), strict=True):
+        assert by_caption.setdefault(caption, caption_id) == caption_id
+    assert len(set(by_caption.values())) == len(by_caption), "distinct captions must get distinct ids"
+
+
+def test_scenes_match_their_captions():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        image = render([scene], 32, np.random.default_rng(1))[0] * 0.3 + 0.4  # undo the normalisation
+        for shape in scene.shapes:
+            row, col = int(shape.y * 32), int(shape.x * 32)
+            if shape.kind != "triangle":  # a triangle's centre row may fall on its thin apex
+                assert torch.allclose(image[:, row, col], torch.tensor(COLORS[shape.color]), atol=1e-5), scene
+        if len(scene.shapes) == 2:
+            first, second = scene.shapes
+            delta = {"left of": second.x - first.x, "right of": first.x - second.x}
+            delta.update({"above": second.y - first.y, "below": first.y - second.y})
+            assert delta[scene.relation] > 0.3, scene
+            assert first.code != second.code
+
+
+def test_tokenizer_round_trip_and_errors():
+    tokenizer = CaptionTokenizer()
+    captions = ["a large red circle", "a small blue cross right of a large purple triangle"]
+    ids, padding = tokenizer.encode(captions, 12)
+    assert ids.dtype == torch.int64 and ids.shape == (2, 12)
+    assert (ids[:, 0] == tokenizer.bos_id).all()
+    assert ids[0, 5] == tokenizer.eos_id and padding[0, 6:].all() and not padding[0, :6].any()
+    assert tokenizer.decode(ids) == captions
+    assert len(set(tokenizer.vocab)) == tokenizer.vocab_size
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenizer.encode(["a huge red circle"], 12)
+    with pytest.raises(ValueError, match="max_len"):
+        tokenizer.encode(captions, 6)
+
+
+def test_recall_at_counts_the_diagonal():
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.6, 0.5, 0.4]])  # diagonal ranks 1, 2, 3
+    assert recall_at(similarity, 1) == pytest.approx(1 / 3)
+    assert recall_at(similarity, 2) == pytest.approx(2 / 3)
+    assert recall_at(similarity, 5) == 1.0
+
+
+def test_short_run_retrieves_far_above_chance(tmp_path):
+    options = DemoOptions(steps=100, encoder_fraction=0.8, batch_size=32, itm_pairs=8, eval_size=64, out=str(tmp_path))
+    options.quiet = True
+    metrics = run_demo(options)
+    retrieval = metrics["retrieval"]
+    chance = retrieval["chance"]["R@1"]
+    assert chance == pytest.approx(1 / 64)
+    for direction in ("image_to_text", "text_to_image"):
+        assert retrieval[direction]["R@1"] >= 6 * chance, f"{direction}: {retrieval[direction]} vs chance {chance}"
+        assert retrieval[direction]["R@5"] >= retrieval[direction]["R@1"]
+    history = metrics["history"]
+    assert len(history["itc"]) == 80 and len(history["caption"]) == 20
+    assert np.mean(history["itc"][-10:]) < np.mean(history["itc"][:10]) - 0.5, "the ITC loss should fall"
+    assert np.mean(history["caption"][-5:]) < np.mean(history["caption"][:5]), "the caption loss should fall"
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["retrieval"] == retrieval
+    assert all(set(example) == {"truth", "generated"} for example in metrics["examples"])
+
+
+def test_cli_prints_the_report(tmp_path, capsys):
+    assert main(["--steps", "4", "--eval-size", "16", "--batch-size", "8", "--out", str(tmp_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for expected in ("image → text", "text → image", "chance", "truth:", str(tmp_path / "metrics.json")):
+        assert expected in printed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plot skipped" in printed
+    else:
+        assert (tmp_path / "demo.png").stat().st_size > 1000
+        assert str(tmp_path / "demo.png") in printed
+    with pytest.raises(ValueError, match="steps"):
+        run_demo(DemoOptions(steps=1, out=str(tmp_path)))
+
+
+def test_plot_is_skipped_with_a_reason_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    reason = write_plot(History(itc=[1.0, 0.5]), {}, tmp_path / "demo.png")
+    assert reason is not None and "matplotlib" in reason
+    assert not (tmp_path / "demo.png").exists()
+
+
+def test_progress_prints_every_tenth_when_not_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(20, "stage", stream=stream)
+    for done in range(1, 21):
+        progress.update(done, "loss 1.0")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("stage [########################] 20/20 loss 1.0")
+    quiet = io.StringIO()
+    Progress(5, "stage", quiet=True, stream=quiet).update(5)
+    assert quiet.getvalue() == ""
