@@ -68,7 +68,18 @@ def _listing(found: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = os.environ.get("MOME_CHECK_IDS")
     os.environ.setdefault("MOME_CHECK_IDS", "0")  # no host sync for the id range check while timing
+    try:
+        return _run(args)
+    finally:  # the caller's setting comes back (main also runs inside other programs and tests)
+        if previous is None:
+            del os.environ["MOME_CHECK_IDS"]
+        else:
+            os.environ["MOME_CHECK_IDS"] = previous
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         harness, report, found = benchmarks_module("harness"), benchmarks_module("report"), families()
     except FileNotFoundError as error:
