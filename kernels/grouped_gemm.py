@@ -250,10 +250,13 @@ def _gemm_blocks(n: int, k: int, prologue: bool, dtype: torch.dtype) -> tuple[in
     return 128, block_n, block_k, 8 if block_n == 128 else 4, 3
 
 
-def _routing(modality: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+def _routing(modality: Tensor, num_experts: int, given: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """``(perm, offsets)``: ``given`` when the caller routed already (the CUDA twin), else this package's kernels."""
     if num_experts == 1:
         empty = torch.empty(0, dtype=torch.int32, device=modality.device)
         return empty, empty
+    if given is not None:
+        return given
     perm, _inv_perm, offsets = modality_routing(modality, num_experts)
     return perm, offsets
 
@@ -379,17 +382,17 @@ def unsupported_reason(op: str, **inputs) -> str | None:
     return None
 
 
-def modality_linear_fwd(x, modality, weight, bias, *, activation):
-    perm, offsets = _routing(modality, weight.shape[0])
+def modality_linear_fwd(x, modality, weight, bias, *, activation, routing=None):
+    perm, offsets = _routing(modality, weight.shape[0], routing)
     out, pre = grouped_gemm(
         x, weight, perm, offsets, b_transposed=True, bias=bias, activation=activation, save_pre=activation is not None
     )
     return out, pre
 
 
-def modality_linear_bwd(dy, x, modality, weight, bias, pre, *, activation):
+def modality_linear_bwd(dy, x, modality, weight, bias, pre, *, activation, routing=None):
     num_experts = weight.shape[0]
-    perm, offsets = _routing(modality, num_experts)
+    perm, offsets = _routing(modality, num_experts, routing)
     saved_pre = pre if activation is not None else None
     dx, _ = grouped_gemm(dy, weight, perm, offsets, b_transposed=False, a_pre=saved_pre, grad_activation=activation)
     dweight, dbias = grouped_weight_grad(
@@ -398,19 +401,19 @@ def modality_linear_bwd(dy, x, modality, weight, bias, pre, *, activation):
     return dx, dweight, dbias
 
 
-def modality_ffn_fwd(x, modality, w1, b1, w2, b2, *, activation):
+def modality_ffn_fwd(x, modality, w1, b1, w2, b2, *, activation, routing=None):
     """``y = fc2_e(act(fc1_e(x)))`` with one routing for both GEMMs. Returns ``(y, pre)``: the first GEMM writes only
     its pre-activation, the second applies the activation as it loads it (the hidden layer is never stored)."""
-    perm, offsets = _routing(modality, w1.shape[0])
+    perm, offsets = _routing(modality, w1.shape[0], routing)
     pre, _ = grouped_gemm(x, w1, perm, offsets, b_transposed=True, bias=b1)  # [T, F]
     y, _ = grouped_gemm(pre, w2, perm, offsets, b_transposed=True, bias=b2, a_activation=activation)  # [T, Dout]
     return y, pre
 
 
-def modality_ffn_bwd(dy, x, modality, w1, b1, w2, b2, pre, *, activation):
+def modality_ffn_bwd(dy, x, modality, w1, b1, w2, b2, pre, *, activation, routing=None):
     """Gradients of ``modality_ffn_fwd`` from its saved pre-activation: ``(dx, dw1, db1, dw2, db2)``."""
     num_experts = w1.shape[0]
-    perm, offsets = _routing(modality, num_experts)
+    perm, offsets = _routing(modality, num_experts, routing)
     d_hidden, _ = grouped_gemm(dy, w2, perm, offsets, b_transposed=False)  # [T, F], before act'
     dw2, db2 = grouped_weight_grad(
         dy, None, pre, perm, offsets, num_experts, activation=None, has_bias=b2 is not None, x_activation=activation

@@ -218,3 +218,21 @@ def test_gpu_beit3_like_shapes(dtype):
         [x, gamma, beta],
         dtype,
     )
+
+
+def test_launchers_take_routing_computed_by_the_caller():
+    """The grouped GEMM uses a given (perm, offsets), as the CUDA routing twin supplies on GPU."""
+    from mome.kernels import grouped_gemm
+
+    device = _device()
+    x, weight = _inputs(11, torch.float32, ((23, 12), 1.0), ((3, 9, 12), 0.3))
+    x, weight = x.to(device), weight.to(device)
+    ids = torch.tensor([2, 0, 1, 1, 0, 2, 2, 0, 1, 0, 0, 2, 1, 1, 0, 2, 0, 1, 2, 2, 0, 1, 0], device=device)
+    perm = torch.sort(ids, stable=True).indices.to(torch.int32)
+    offsets = torch.cat([ids.new_zeros(1), torch.bincount(ids, minlength=3).cumsum(0)]).to(torch.int32)
+    expected = modality_linear_ref(x.double(), ids, weight.double(), activation="relu")
+    given, _ = grouped_gemm.modality_linear_fwd(x, ids, weight, None, activation="relu", routing=(perm, offsets))
+    assert_close(given, expected, TOLERANCE[torch.float32])
+    swapped = torch.tensor([0, offsets[2].item(), offsets[2].item(), 23], dtype=torch.int32, device=device)
+    misrouted, _ = grouped_gemm.modality_linear_fwd(x, ids, weight, None, activation="relu", routing=(perm, swapped))
+    assert (misrouted - given).abs().max() > 1e-3, "the given routing must be the one used"

@@ -20,6 +20,20 @@ LAYER_NORM_BACKENDS = OpBackends(
 _NO_ACTIVATION = "none"  # custom-op schemas take str, not Optional[str]
 
 
+def _cuda_routing(module, modality: Tensor, num_experts: int) -> dict:
+    """``{"routing": (perm, offsets)}`` from mome._C's routing kernel for the Triton grouped GEMM on CUDA tensors
+    when the extension can run it (it is the CUDA twin of ``mome.kernels.routing``); else ``{}``, and the Triton
+    launchers route with their own kernels."""
+    if module.__name__ != LINEAR_BACKENDS.modules["triton"] or modality.device.type != "cuda" or num_experts == 1:
+        return {}
+    from mome.cuda import routing
+
+    if routing.unsupported_reason("modality_routing", modality=modality, num_experts=num_experts) is not None:
+        return {}
+    perm, _inv_perm, offsets = routing.modality_routing(modality, num_experts)
+    return {"routing": (perm, offsets)}
+
+
 def _linear_inputs(x, modality, weight, bias, activation: str) -> dict:
     """What the backends' ``unsupported_reason`` sees of a linear (or the first linear of an FFN)."""
     return dict(x=x, modality=modality, weight=weight, bias=bias, activation=_activation_arg(activation))
@@ -40,7 +54,8 @@ def _linear_fwd(
     x: Tensor, modality: Tensor, weight: Tensor, bias: Tensor | None, activation: str, backend: str
 ) -> tuple[Tensor, Tensor]:
     module = LINEAR_BACKENDS.module(backend, x.device, _linear_inputs(x, modality, weight, bias, activation))
-    return module.modality_linear_fwd(x, modality, weight, bias, activation=_activation_arg(activation))
+    routed = _cuda_routing(module, modality, weight.shape[0])
+    return module.modality_linear_fwd(x, modality, weight, bias, activation=_activation_arg(activation), **routed)
 
 
 @_linear_fwd.register_fake
@@ -61,8 +76,9 @@ def _linear_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     module = LINEAR_BACKENDS.module(backend, x.device, _linear_inputs(x, modality, weight, bias, activation))
+    routed = _cuda_routing(module, modality, weight.shape[0])
     dx, dweight, dbias = module.modality_linear_bwd(
-        dy, x, modality, weight, bias, pre, activation=_activation_arg(activation)
+        dy, x, modality, weight, bias, pre, activation=_activation_arg(activation), **routed
     )
     return dx, dweight, (x.new_empty(0) if dbias is None else dbias)
 
@@ -102,7 +118,9 @@ def _ffn_fwd(
     module = LINEAR_BACKENDS.module(backend, x.device, _linear_inputs(x, modality, w1, b1, activation))
     act = _activation_arg(activation)
     if hasattr(module, "modality_ffn_fwd"):  # one routing for both GEMMs, hidden layer never stored
-        return module.modality_ffn_fwd(x, modality, w1, b1, w2, b2, activation=act)
+        return module.modality_ffn_fwd(
+            x, modality, w1, b1, w2, b2, activation=act, **_cuda_routing(module, modality, w1.shape[0])
+        )
     hidden, pre = module.modality_linear_fwd(x, modality, w1, b1, activation=act)
     out, _ = module.modality_linear_fwd(hidden, modality, w2, b2, activation=None)
     return out, (hidden if act is None else pre)
@@ -129,7 +147,10 @@ def _ffn_bwd(
     module = LINEAR_BACKENDS.module(backend, x.device, _linear_inputs(x, modality, w1, b1, activation))
     act = _activation_arg(activation)
     if hasattr(module, "modality_ffn_bwd"):
-        dx, dw1, db1, dw2, db2 = module.modality_ffn_bwd(dy, x, modality, w1, b1, w2, b2, saved, activation=act)
+        routed = _cuda_routing(module, modality, w1.shape[0])
+        dx, dw1, db1, dw2, db2 = module.modality_ffn_bwd(
+            dy, x, modality, w1, b1, w2, b2, saved, activation=act, **routed
+        )
     else:
         hidden = saved if act is None else _recompute_hidden(saved, act)
         d_hidden, dw2, db2 = module.modality_linear_bwd(dy, hidden, modality, w2, b2, x.new_empty(0), activation=None)
