@@ -16,6 +16,11 @@ kernel also adds that direction's ``dlogits`` and two kernels make the whole bac
 otherwise a column kernel gives ``d columns`` for online batch columns (then
 ``alpha == 0``: distillation needs momentum columns, which are constants). No atomics:
 partial sums are reduced by torch in a fixed order, so the gradients are deterministic.
+
+Local rows (``itc_loss_local_fwd/bwd``, for ``ITCLoss(gather=True)``): the same kernels take M
+rows that are the global rows ``[row_offset, row_offset + M)`` of the B batch columns (their own
+ids, loss = mean over the M rows, Gumbel noise keyed by the global row), and the backward runs
+the column kernel for the online columns instead of the transposed term.
 """
 
 from __future__ import annotations
@@ -79,18 +84,22 @@ def _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS:
 @triton.jit
 def _itc_fwd_kernel(
     row_loss_ptr, lse_ptr, lse_m_ptr, neg_idx_ptr,
-    rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, ids_ptr, queue_ids_ptr, scale_ptr,
-    B, Q, D, seed, direction, alpha,
+    rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, scale_ptr,
+    M, B, Q, D, row_offset, seed, direction, alpha,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, MINING: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """One program per BLOCK_M rows; streams all B + Q columns once (and the momentum tile with it)."""
+    """One program per BLOCK_M of the M rows; streams all B + Q columns once (and the momentum tile with it).
+
+    The rows are global rows ``[row_offset, row_offset + M)`` of the batch the B columns belong to
+    (the whole batch: M == B, row_offset == 0); the Gumbel noise is keyed by the global row index.
+    """
     pid = tl.program_id(0)
     N = B + Q
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = offs_m < B
-    row_ids = tl.load(ids_ptr + offs_m, mask=row_valid, other=-2)
+    row_valid = offs_m < M
+    row_ids = tl.load(row_ids_ptr + offs_m, mask=row_valid, other=-2)
     scale = tl.load(scale_ptr).to(ACC)
     neg_inf = float("-inf")
 
@@ -134,8 +143,9 @@ def _itc_fwd_kernel(
                 if MINING == 1:
                     # Gumbel-max: arg-max of logits + Gumbel noise is an exact draw from softmax(logits).
                     zero = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-                    bits, _, _, _ = tl.philox(seed, offs_n[None, :] + zero, offs_m[:, None] + zero, zero + direction,
-                                              zero)  # fmt: skip
+                    global_rows = row_offset + offs_m
+                    bits, _, _, _ = tl.philox(seed, offs_n[None, :] + zero, global_rows[:, None] + zero,
+                                              zero + direction, zero)  # fmt: skip
                     uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
                     score = score + (-tl.log(-tl.log(uniform))).to(ACC)
                 negative = (offs_n < B)[None, :] & ~positive
@@ -160,8 +170,8 @@ def _itc_fwd_kernel(
 @triton.jit
 def _itc_bwd_rows_kernel(
     d_rows_ptr, d_scale_ptr,
-    rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, ids_ptr, queue_ids_ptr, scale_ptr, lse_ptr, lse_m_ptr, pos_count_ptr,
-    grad_ptr, lse_t_ptr, grad_t_ptr, B, Q, D, alpha,
+    rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, scale_ptr, lse_ptr, lse_m_ptr,
+    pos_count_ptr, grad_ptr, lse_t_ptr, grad_t_ptr, M, B, Q, D, alpha,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
     HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, TRANSPOSED: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HALF_RANGE: tl.constexpr,
@@ -173,23 +183,24 @@ def _itc_bwd_rows_kernel(
     TRANSPOSED (CLIP mode: both sides online, so the other direction's batch logits are this
     tile transposed): the other direction's ``dlogits[j, i]`` (its lse ``lse_t``, gradient
     ``grad_t``) is added for batch columns, which gives these rows their gradient as the other
-    direction's columns in the same pass; ``d scale`` counts only this direction's term.
+    direction's columns in the same pass; ``d scale`` counts only this direction's term (then M == B).
+    The loss is the mean over the M rows: ``grad / M``.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     N = B + Q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = offs_m < B
+    row_valid = offs_m < M
     offs_out = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     out_valid = offs_out < D
-    row_ids = tl.load(ids_ptr + offs_m, mask=row_valid, other=-2)
+    row_ids = tl.load(row_ids_ptr + offs_m, mask=row_valid, other=-2)
     scale = tl.load(scale_ptr).to(ACC)
     lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=0.0).to(ACC)
     pos_count = tl.load(pos_count_ptr + offs_m, mask=row_valid, other=1.0).to(ACC)
-    grad = tl.load(grad_ptr).to(ACC) / B
+    grad = tl.load(grad_ptr).to(ACC) / M
     grad_norm = tl.abs(grad)  # weights below are grad / grad_norm in [-1, 1]: fp16-safe before the dot
     if TRANSPOSED:
-        grad_t = tl.load(grad_t_ptr).to(ACC) / B
+        grad_t = tl.load(grad_t_ptr).to(ACC) / M
         grad_norm = tl.maximum(grad_norm, tl.abs(grad_t))
     grad_norm = tl.where(grad_norm > 0, grad_norm, 1.0)
     if DISTILL:
@@ -237,14 +248,15 @@ def _itc_bwd_rows_kernel(
 @triton.jit
 def _itc_bwd_cols_kernel(
     d_cols_ptr,
-    rows_ptr, cols_ptr, ids_ptr, scale_ptr, lse_ptr, pos_count_ptr, grad_ptr, B, D,
+    rows_ptr, cols_ptr, row_ids_ptr, ids_ptr, scale_ptr, lse_ptr, pos_count_ptr, grad_ptr, M, B, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HALF_RANGE: tl.constexpr,
 ):  # fmt: skip
     """Program (batch-column block, feature slice): ``d cols[j, slice] = scale · Σ_i dlogits[i, j] · rows[i, slice]``.
 
     Only for online columns, where the target is the hard one (no distillation). Tiles
-    are the transposed logits: BLOCK_N columns against BLOCK_M rows at a time.
+    are the transposed logits: BLOCK_N columns against BLOCK_M rows at a time. The M rows
+    (ids, lse and positive counts per row) may be a slice of the batch the B columns are.
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -254,18 +266,18 @@ def _itc_bwd_cols_kernel(
     out_valid = offs_out < D
     col_ids = tl.load(ids_ptr + offs_n, mask=col_valid, other=-2)
     scale = tl.load(scale_ptr).to(ACC)
-    grad = tl.load(grad_ptr).to(ACC) / B
+    grad = tl.load(grad_ptr).to(ACC) / M
     d_cols = tl.zeros((BLOCK_N, BLOCK_DOUT), ACC)
-    for start in range(0, B, BLOCK_M):
+    for start in range(0, M, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        row_valid = offs_m < B
+        row_valid = offs_m < M
         row_ptrs = rows_ptr + offs_m.to(tl.int64) * D
         raw = _similarity_tile(
             cols_ptr, offs_n, col_valid, row_ptrs, row_valid, D, BLOCK_D, ACC, PRECISION, UPCAST, BLOCK_N, BLOCK_M
         )  # fmt: skip  [BLOCK_N columns, BLOCK_M rows]
         lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=0.0).to(ACC)
         pos_count = tl.load(pos_count_ptr + offs_m, mask=row_valid, other=1.0).to(ACC)
-        row_ids = tl.load(ids_ptr + offs_m, mask=row_valid, other=-3)
+        row_ids = tl.load(row_ids_ptr + offs_m, mask=row_valid, other=-3)
         target = tl.where(col_ids[:, None] == row_ids[None, :], 1.0 / pos_count[None, :], 0.0)
         prob = tl.exp(raw * scale - lse[None, :])
         keep = col_valid[:, None] & row_valid[None, :]
@@ -318,19 +330,24 @@ def _batch_ids(positive_ids: Tensor | None, batch: int, device: torch.device) ->
     return torch.arange(batch, device=device) if positive_ids is None else positive_ids.to(torch.int64).contiguous()
 
 
-def _positive_counts(ids: Tensor, queue_ids: Tensor | None) -> Tensor:
+def _positive_counts(row_ids: Tensor, ids: Tensor, queue_ids: Tensor | None) -> Tensor:
     """Per row, how many batch (and queue) columns share its id: O(B + Q) memory via sorted search."""
     sorted_ids = ids.sort().values
-    counts = torch.searchsorted(sorted_ids, ids, right=True) - torch.searchsorted(sorted_ids, ids)
+    counts = torch.searchsorted(sorted_ids, row_ids, right=True) - torch.searchsorted(sorted_ids, row_ids)
     if queue_ids is not None:
         sorted_queue = queue_ids.to(torch.int64).sort().values
-        counts += torch.searchsorted(sorted_queue, ids, right=True) - torch.searchsorted(sorted_queue, ids)
+        counts += torch.searchsorted(sorted_queue, row_ids, right=True) - torch.searchsorted(sorted_queue, row_ids)
     return counts
 
 
-def _direction_stats(rows, rows_m, cols, queue, ids, queue_ids, scale, *, alpha, mining, seed, direction):
-    """Forward of one direction: per-row loss, lse, momentum lse (or empty) and picked negatives (or empty)."""
+def _direction_stats(rows, rows_m, cols, queue, row_ids, ids, queue_ids, scale, *, alpha, mining, seed, direction,
+                     row_offset=0):  # fmt: skip
+    """Forward of one direction: per-row loss, lse, momentum lse (or empty) and picked negatives (or empty).
+
+    ``rows`` are the global rows ``[row_offset, row_offset + len(rows))`` of the batch ``cols`` holds.
+    """
     batch, dim = rows.shape
+    columns = cols.shape[0]
     queue_len = 0 if queue is None else queue.shape[0]
     acc_dtype = _accumulator_dtype(rows)
     distill = alpha > 0
@@ -343,8 +360,8 @@ def _direction_stats(rows, rows_m, cols, queue, ids, queue_ids, scale, *, alpha,
     _itc_fwd_kernel[grid](
         row_loss, lse, lse_m, neg_idx if mining else row_loss,
         rows, rows if rows_m is None else rows_m, cols, cols if queue is None else queue,
-        ids, ids if queue_ids is None else queue_ids, scale,
-        batch, queue_len, dim, seed, direction, float(alpha),
+        row_ids, ids, ids if queue_ids is None else queue_ids, scale,
+        batch, columns, queue_len, dim, row_offset, seed, direction, float(alpha),
         BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
         HAS_QUEUE_IDS=queue_ids is not None, DISTILL=distill, MINING=_MINING[mining],
         **_numerics(rows), **FWD_LAUNCH,
@@ -390,6 +407,7 @@ def itc_loss_fwd(
                 cols,
                 queue,
                 ids,
+                ids,
                 queue_ids,
                 scale,
                 alpha=alpha,
@@ -402,14 +420,16 @@ def itc_loss_fwd(
     return loss_i2t_rows.mean(), loss_t2i_rows.mean(), neg_text, neg_image, lse_i2t.float(), lse_t2i.float()
 
 
-def _direction_grads(grad, rows, rows_m, cols, queue, online, ids, queue_ids, scale, lse, lse_m, pos_count, alpha,
-                     transposed=None):  # fmt: skip
+def _direction_grads(grad, rows, rows_m, cols, queue, online, row_ids, ids, queue_ids, scale, lse, lse_m, pos_count,
+                     alpha, transposed=None):  # fmt: skip
     """``(d rows, d batch columns or None, per-row d scale)`` of one direction.
 
     ``transposed = (lse, grad)`` of the other direction in CLIP mode: the row kernel then also
-    serves the other direction's column gradient and no column kernel runs.
+    serves the other direction's column gradient and no column kernel runs. The rows may be a
+    slice of the batch ``cols`` holds (ids ``row_ids``); the loss is their mean.
     """
     batch, dim = rows.shape
+    columns = cols.shape[0]
     queue_len = 0 if queue is None else queue.shape[0]
     blocks = _block_sizes(dim, "bwd_rows")
     # fp16 would flush small softmax differences to zero: scale them up before the cast, back after the dot.
@@ -423,8 +443,8 @@ def _direction_grads(grad, rows, rows_m, cols, queue, online, ids, queue_ids, sc
     _itc_bwd_rows_kernel[grid](
         d_rows, d_scale,
         rows, rows if rows_m is None else rows_m, cols, cols if queue is None else queue,
-        ids, ids if queue_ids is None else queue_ids, scale, lse, lse if lse_m is None else lse_m, pos_count,
-        grad, lse_t, grad_t, batch, queue_len, dim, float(alpha),
+        row_ids, ids, ids if queue_ids is None else queue_ids, scale, lse, lse if lse_m is None else lse_m, pos_count,
+        grad, lse_t, grad_t, batch, columns, queue_len, dim, float(alpha),
         BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
         BLOCK_DOUT=blocks["BLOCK_DOUT"], HAS_QUEUE_IDS=queue_ids is not None, DISTILL=alpha > 0,
         TRANSPOSED=transposed is not None, **numerics, **BWD_LAUNCH,
@@ -433,9 +453,9 @@ def _direction_grads(grad, rows, rows_m, cols, queue, online, ids, queue_ids, sc
     if online and transposed is None:
         d_cols = torch.empty_like(cols)
         blocks = _block_sizes(dim, "bwd_cols")
-        grid = (triton.cdiv(batch, blocks["BLOCK_N"]), triton.cdiv(dim, blocks["BLOCK_DOUT"]))
+        grid = (triton.cdiv(columns, blocks["BLOCK_N"]), triton.cdiv(dim, blocks["BLOCK_DOUT"]))
         _itc_bwd_cols_kernel[grid](
-            d_cols, rows, cols, ids, scale, lse, pos_count, grad, batch, dim,
+            d_cols, rows, cols, row_ids, ids, scale, lse, pos_count, grad, batch, columns, dim,
             BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
             BLOCK_DOUT=blocks["BLOCK_DOUT"], **numerics, **BWD_LAUNCH,
         )  # fmt: skip
@@ -459,13 +479,13 @@ def itc_loss_bwd(
     queue_ids = None if queue_ids is None else queue_ids.to(torch.int64).contiguous()
     acc_dtype = _accumulator_dtype(image_feats)
     scale_vec = scale.reshape(1).to(acc_dtype)
-    pos_count = _positive_counts(ids, queue_ids).to(acc_dtype)
+    pos_count = _positive_counts(ids, ids, queue_ids).to(acc_dtype)
     directions = _directions(image_feats, text_feats, image_feats_m, text_feats_m, image_queue, text_queue)
     lses, lse_ms = [lse_i2t.to(acc_dtype).contiguous(), lse_t2i.to(acc_dtype).contiguous()], [None, None]
     if alpha > 0 or image_feats.dtype == torch.float64:
         for direction, (rows, rows_m, cols, queue, _online) in enumerate(directions):
             _, lses[direction], lse_ms[direction], _ = _direction_stats(
-                rows, rows_m, cols, queue, ids, queue_ids, scale_vec, alpha=alpha, mining=None, seed=0,
+                rows, rows_m, cols, queue, ids, ids, queue_ids, scale_vec, alpha=alpha, mining=None, seed=0,
                 direction=direction,
             )  # fmt: skip
     grads = (d_loss_i2t, d_loss_t2i)
@@ -482,6 +502,7 @@ def itc_loss_bwd(
                 cols,
                 queue,
                 online,
+                ids,
                 ids,
                 queue_ids,
                 scale_vec,
@@ -501,6 +522,108 @@ def itc_loss_bwd(
     return d_image, d_text, d_scale
 
 
+def _local_directions(image_rows, text_rows, image_columns, text_columns, image_rows_m, text_rows_m, image_queue,
+                      text_queue):  # fmt: skip
+    """(rows, momentum rows, batch columns, queue) for i2t and t2i of the local-rows op."""
+    return (
+        (image_rows, image_rows_m, text_columns, text_queue),
+        (text_rows, text_rows_m, image_columns, image_queue),
+    )
+
+
+def itc_loss_local_fwd(
+    image_rows, text_rows, image_columns, text_columns, scale, image_rows_m, text_rows_m, image_queue, text_queue,
+    positive_ids, queue_ids, *, row_offset, alpha, hard_negatives, seed,
+):  # fmt: skip
+    """Launcher contract of ``mome.ops.itc.itc_loss_local``: the rows are global rows ``[row_offset, row_offset + b)``.
+
+    Returns ``(loss_i2t, loss_t2i, neg_text, neg_image, lse_i2t, lse_t2i)``: means over the b rows,
+    picks as indices into the B batch columns, per-row fp32 log-sum-exps.
+    """
+    local, batch = image_rows.shape[0], image_columns.shape[0]
+    ids = _batch_ids(positive_ids, batch, image_rows.device)
+    row_ids = ids[row_offset : row_offset + local].contiguous()
+    queue_ids = None if queue_ids is None else queue_ids.to(torch.int64).contiguous()
+    scale = scale.reshape(1).to(_accumulator_dtype(image_rows))
+    directions = _local_directions(image_rows, text_rows, image_columns, text_columns, image_rows_m, text_rows_m,
+                                   image_queue, text_queue)  # fmt: skip
+    outputs = [
+        _direction_stats(
+            rows,
+            rows_m,
+            cols,
+            queue,
+            row_ids,
+            ids,
+            queue_ids,
+            scale,
+            alpha=alpha,
+            mining=hard_negatives,
+            seed=seed,
+            direction=direction,
+            row_offset=row_offset,
+        )  # fmt: skip
+        for direction, (rows, rows_m, cols, queue) in enumerate(directions)
+    ]
+    (loss_i2t_rows, lse_i2t, _, neg_text), (loss_t2i_rows, lse_t2i, _, neg_image) = outputs
+    return loss_i2t_rows.mean(), loss_t2i_rows.mean(), neg_text, neg_image, lse_i2t.float(), lse_t2i.float()
+
+
+def itc_loss_local_bwd(
+    d_loss_i2t, d_loss_t2i, image_rows, text_rows, image_columns, text_columns, scale, image_rows_m, text_rows_m,
+    image_queue, text_queue, positive_ids, queue_ids, lse_i2t, lse_t2i, *, row_offset, alpha, column_grads,
+):  # fmt: skip
+    """Launcher contract of ``itc_loss_local``: ``(d image_rows, d text_rows, d image_columns, d text_columns,
+    d scale)``.
+
+    A row kernel per direction for the local rows and, with ``column_grads`` (online columns,
+    no distillation), a column kernel per direction for all B batch columns against the b rows;
+    otherwise the column gradients are empty ``(0, d)`` tensors.
+    """
+    local, dim = image_rows.shape
+    batch = image_columns.shape[0]
+    ids = _batch_ids(positive_ids, batch, image_rows.device)
+    row_ids = ids[row_offset : row_offset + local].contiguous()
+    queue_ids = None if queue_ids is None else queue_ids.to(torch.int64).contiguous()
+    acc_dtype = _accumulator_dtype(image_rows)
+    scale_vec = scale.reshape(1).to(acc_dtype)
+    pos_count = _positive_counts(row_ids, ids, queue_ids).to(acc_dtype)
+    directions = _local_directions(image_rows, text_rows, image_columns, text_columns, image_rows_m, text_rows_m,
+                                   image_queue, text_queue)  # fmt: skip
+    lses, lse_ms = [lse_i2t.to(acc_dtype).contiguous(), lse_t2i.to(acc_dtype).contiguous()], [None, None]
+    if alpha > 0 or image_rows.dtype == torch.float64:
+        for direction, (rows, rows_m, cols, queue) in enumerate(directions):
+            _, lses[direction], lse_ms[direction], _ = _direction_stats(
+                rows, rows_m, cols, queue, row_ids, ids, queue_ids, scale_vec, alpha=alpha, mining=None, seed=0,
+                direction=direction, row_offset=row_offset,
+            )  # fmt: skip
+    grads = (d_loss_i2t, d_loss_t2i)
+    results = [
+        _direction_grads(
+            grads[direction],
+            rows,
+            rows_m,
+            cols,
+            queue,
+            column_grads,
+            row_ids,
+            ids,
+            queue_ids,
+            scale_vec,
+            lses[direction],
+            lse_ms[direction],
+            pos_count,
+            alpha,
+        )  # fmt: skip
+        for direction, (rows, rows_m, cols, queue) in enumerate(directions)
+    ]
+    (d_image, d_text_columns, d_scale_i2t), (d_text, d_image_columns, d_scale_t2i) = results
+    if not column_grads:
+        d_image_columns, d_text_columns = (image_columns.new_empty((0, dim)) for _ in range(2))
+    d_scale = (d_scale_i2t.sum() + d_scale_t2i.sum()).to(scale.dtype).reshape(scale.shape)
+    return d_image, d_text, d_image_columns, d_text_columns, d_scale
+
+
 def _aot_specs() -> list[AotSpec]:
     """Each kernel for fp16/bf16/fp32 features (fp64 too) and its main constexpr variants, at the GPU tile sizes."""
     specs = []
@@ -512,9 +635,9 @@ def _aot_specs() -> list[AotSpec]:
             **dict.fromkeys(("row_loss_ptr", "lse_ptr", "lse_m_ptr"), f"*{acc}"),
             "neg_idx_ptr": "*i64",
             **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), f"*{name}"),
-            **dict.fromkeys(("ids_ptr", "queue_ids_ptr"), "*i64"),
+            **dict.fromkeys(("row_ids_ptr", "ids_ptr", "queue_ids_ptr"), "*i64"),
             "scale_ptr": f"*{acc}",
-            **dict.fromkeys(("B", "Q", "D"), "i32"),
+            **dict.fromkeys(("M", "B", "Q", "D", "row_offset"), "i32"),
             "seed": "i64",
             "direction": "i32",
             "alpha": "fp32",
@@ -539,17 +662,18 @@ def _aot_specs() -> list[AotSpec]:
             "d_rows_ptr": f"*{name}",
             "d_scale_ptr": f"*{acc}",
             **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), f"*{name}"),
-            **dict.fromkeys(("ids_ptr", "queue_ids_ptr"), "*i64"),
+            **dict.fromkeys(("row_ids_ptr", "ids_ptr", "queue_ids_ptr"), "*i64"),
             **dict.fromkeys(("scale_ptr", "lse_ptr", "lse_m_ptr", "pos_count_ptr", "grad_ptr"), f"*{acc}"),
             **dict.fromkeys(("lse_t_ptr", "grad_t_ptr"), f"*{acc}"),
-            **dict.fromkeys(("B", "Q", "D"), "i32"),
+            **dict.fromkeys(("M", "B", "Q", "D"), "i32"),
             "alpha": "fp32",
             **dict.fromkeys(
                 (*blocks, "BLOCK_DOUT", "HAS_QUEUE_IDS", "DISTILL", "TRANSPOSED", *bwd_numerics), "constexpr"
             ),
         }
-        for variant, distill in (("clip", False), ("albef", True)):
-            flags = {"HAS_QUEUE_IDS": distill, "DISTILL": distill, "TRANSPOSED": not distill}
+        # clip: whole batch, rows serve as columns too; albef: distillation; local: a slice of rows (gather=True)
+        for variant, distill, transposed in (("clip", False, True), ("albef", True, False), ("local", False, False)):
+            flags = {"HAS_QUEUE_IDS": distill, "DISTILL": distill, "TRANSPOSED": transposed}
             constexprs = {**blocks, **GPU_TILES["bwd_rows"], "BLOCK_DOUT": 256, **flags, **bwd_numerics}
             specs.append(
                 AotSpec(f"itc_bwd_rows_{variant}_{name}", _itc_bwd_rows_kernel, rows_sig, constexprs, **BWD_LAUNCH)
@@ -557,9 +681,9 @@ def _aot_specs() -> list[AotSpec]:
         cols_sig = {
             "d_cols_ptr": f"*{name}",
             **dict.fromkeys(("rows_ptr", "cols_ptr"), f"*{name}"),
-            "ids_ptr": "*i64",
+            **dict.fromkeys(("row_ids_ptr", "ids_ptr"), "*i64"),
             **dict.fromkeys(("scale_ptr", "lse_ptr", "pos_count_ptr", "grad_ptr"), f"*{acc}"),
-            **dict.fromkeys(("B", "D"), "i32"),
+            **dict.fromkeys(("M", "B", "D"), "i32"),
             **dict.fromkeys((*blocks, "BLOCK_DOUT", *bwd_numerics), "constexpr"),
         }
         constexprs = {**blocks, **GPU_TILES["bwd_cols"], "BLOCK_DOUT": 256, **bwd_numerics}

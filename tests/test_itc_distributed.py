@@ -9,34 +9,51 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+import mome.ops.itc
 from mome.nn.itc import ITCLoss
 from mome.ops import itc_loss
 from tests.helpers import assert_close
 
-WORLD, LOCAL_BATCH, IN_DIM, EMBED_DIM = 2, 13, 12, 16
+WORLD, LOCAL_BATCH, IN_DIM, EMBED_DIM, QUEUE = 2, 13, 12, 16, 37
+# (columns, hard negatives): CLIP (online columns, differentiable) and ALBEF (momentum columns, queue, alpha)
+SCENARIOS = (("clip", "hardest"), ("clip", "sample"), ("albef", "sample"))
+SAMPLE_SEED = 21
 
 
 class TwoTower(nn.Module):
-    """Image and text projections to unit vectors, then ITCLoss: a model DDP can wrap."""
+    """Image and text projections to unit vectors, then ITCLoss: a model DDP can wrap. ALBEF mode adds fixed
+    "momentum" projections (buffers), a queue and distillation."""
 
-    def __init__(self, backend, gather, hard_negatives):
+    def __init__(self, backend, gather, mode, hard_negatives):
         super().__init__()
         torch.manual_seed(0)
         self.image_proj = nn.Linear(IN_DIM, EMBED_DIM).double()
         self.text_proj = nn.Linear(IN_DIM, EMBED_DIM).double()
-        self.loss = ITCLoss(gather=gather, hard_negatives=hard_negatives, backend=backend).double()
+        self.albef = mode == "albef"
+        self.register_buffer("image_proj_m", torch.randn(IN_DIM, EMBED_DIM, dtype=torch.float64))
+        self.register_buffer("text_proj_m", torch.randn(IN_DIM, EMBED_DIM, dtype=torch.float64))
+        queue = dict(queue_size=QUEUE, embed_dim=EMBED_DIM, alpha=0.4) if self.albef else {}
+        self.loss = ITCLoss(gather=gather, hard_negatives=hard_negatives, backend=backend, **queue).double()
 
-    def forward(self, images, texts, positive_ids):
+    def features(self, images, texts):
         image_feats = F.normalize(self.image_proj(images), dim=-1)
         text_feats = F.normalize(self.text_proj(texts), dim=-1)
-        return self.loss(image_feats, text_feats, positive_ids=positive_ids)
+        momentum = {}
+        if self.albef:
+            momentum = dict(image_feats_m=F.normalize(images @ self.image_proj_m, dim=-1),
+                            text_feats_m=F.normalize(texts @ self.text_proj_m, dim=-1))  # fmt: skip
+        return image_feats, text_feats, momentum
+
+    def forward(self, images, texts, positive_ids, generator=None):
+        image_feats, text_feats, momentum = self.features(images, texts)
+        return self.loss(image_feats, text_feats, positive_ids=positive_ids, generator=generator, **momentum)
 
 
 def global_batch():
     gen = torch.Generator().manual_seed(5)
     images = torch.randn(WORLD * LOCAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
     texts = torch.randn(WORLD * LOCAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
-    ids = torch.randint(0, 10, (WORLD * LOCAL_BATCH,), generator=gen)
+    ids = torch.randint(0, 20, (WORLD * LOCAL_BATCH,), generator=gen)
     return images, texts, ids
 
 
@@ -44,39 +61,144 @@ def gradients(model):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank, store_path, backend, result_path):
+def _recording_local_op(calls):
+    """Wraps itc_loss_local to record what each rank's op was given: its rows, the columns and the row offset."""
+    original = mome.ops.itc.itc_loss_local
+
+    def record(image_rows, text_rows, image_columns, text_columns, scale, **kwargs):
+        result = original(image_rows, text_rows, image_columns, text_columns, scale, **kwargs)
+        calls.append(dict(rows=image_rows.shape[0], columns=image_columns.shape[0], offset=kwargs["row_offset"],
+                          lse=tuple(result.lse_i2t.shape)))  # fmt: skip
+        return result
+
+    return record
+
+
+def _worker(rank, store_path, backend, result_dir):
     # a file rendezvous: no port to race other processes for; the timeout turns a hang into an error
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
-        model = nn.parallel.DistributedDataParallel(TwoTower(backend, gather=True, hard_negatives="hardest"))
+        calls = []
+        mome.ops.itc.itc_loss_local = _recording_local_op(calls)
         images, texts, ids = global_batch()
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        out = model(images[rows], texts[rows], ids[rows])
-        out.loss.backward()
-        if rank == 0:
-            torch.save({"loss": out.loss.detach(), "neg_text": out.neg_text_idx, "neg_image": out.neg_image_idx,
-                        "grads": gradients(model.module)}, result_path)  # fmt: skip
+        results = {}
+        for mode, mining in SCENARIOS:
+            model = nn.parallel.DistributedDataParallel(TwoTower(backend, True, mode, mining))
+            # only the first rank's generator matters: the module broadcasts its seed
+            generator = torch.Generator().manual_seed(SAMPLE_SEED if rank == 0 else 1000 + rank)
+            out = model(images[rows], texts[rows], ids[rows], generator=generator)
+            out.loss.backward()
+            queue = model.module.loss.queue
+            results[mode, mining] = dict(
+                loss=out.loss.detach(), neg_text=out.neg_text_idx, neg_image=out.neg_image_idx,
+                grads=gradients(model.module), queue=None if queue is None else queue.image_queue.clone(),
+            )  # fmt: skip
+        torch.save({"results": results, "calls": calls}, f"{result_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["triton"])
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(backend, tmp_path):
-    result_path = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), backend, result_path), nprocs=WORLD, join=True)
-    distributed = torch.load(result_path)
+@pytest.fixture(scope="module", params=["reference", "triton"])
+def two_ranks(request, tmp_path_factory):
+    """Both ranks' results, from one 2-process run per backend (spawning dominates the time)."""
+    result_dir = tmp_path_factory.mktemp(f"itc_{request.param}")
+    mp.spawn(_worker, args=(str(result_dir / "store"), request.param, str(result_dir)), nprocs=WORLD, join=True)
+    return request.param, [torch.load(result_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
-    single = TwoTower(backend, gather=False, hard_negatives="hardest")
-    out = single(*global_batch())
+
+def single_process(backend, mode, mining):
+    model = TwoTower(backend, False, mode, mining)
+    images, texts, ids = global_batch()
+    out = model(images, texts, ids, generator=torch.Generator().manual_seed(SAMPLE_SEED))
     out.loss.backward()
-    assert_close(distributed["loss"], out.loss.detach(), 1e-12, "loss")
-    for name, grad in gradients(single).items():
-        assert_close(distributed["grads"][name], grad, 1e-10, f"d {name}")
-    # the hard negatives index the global batch: the same picks, some from the other rank's rows
-    assert torch.equal(distributed["neg_text"], out.neg_text_idx)
-    assert torch.equal(distributed["neg_image"], out.neg_image_idx)
-    assert (distributed["neg_text"][:LOCAL_BATCH] >= LOCAL_BATCH).any()
+    return model, out
+
+
+@pytest.mark.parametrize("mode, mining", SCENARIOS)
+def test_loss_and_gradients_equal_one_process_on_the_concatenated_batch(two_ranks, mode, mining):
+    backend, ranks = two_ranks
+    model, out = single_process(backend, mode, mining)
+    results = [r["results"][mode, mining] for r in ranks]
+    # each rank's loss is the mean over its rows: their mean is the global loss
+    assert_close(sum(r["loss"] for r in results) / WORLD, out.loss.detach(), 1e-12, "mean of the ranks' losses")
+    assert not torch.allclose(results[0]["loss"], results[1]["loss"])
+    for name, grad in gradients(model).items():
+        for rank, result in enumerate(results):  # DDP averaged them: the same on both ranks
+            assert_close(result["grads"][name], grad, 1e-10, f"rank {rank}: d {name}")
+    if mode == "albef":  # refilled with the gathered momentum features, in rank order
+        assert_close(results[0]["queue"], model.loss.queue.image_queue, 1e-15, "queue after the step")
+
+
+@pytest.mark.parametrize("mode, mining", SCENARIOS)
+def test_hard_negatives_equal_one_process_and_cross_ranks(two_ranks, mode, mining):
+    backend, ranks = two_ranks
+    results = [r["results"][mode, mining] for r in ranks]
+    neg_text = torch.cat([r["neg_text"] for r in results])
+    neg_image = torch.cat([r["neg_image"] for r in results])
+    model, out = single_process(backend, mode, mining)
+    if mining == "hardest" or backend == "triton":
+        # hardest: the arg-max; triton: Gumbel noise keyed by the seed (drawn alike) and the global row
+        expected = out.neg_text_idx, out.neg_image_idx
+    else:  # the reference's single-process itc_loss draws with one generator; the local spec draws per global row
+        expected = whole_batch_local_picks(model, backend, mining)
+    assert torch.equal(neg_text, expected[0]) and torch.equal(neg_image, expected[1])
+    # some of each rank's picks are the other rank's rows
+    assert (results[0]["neg_text"] >= LOCAL_BATCH).any() and (results[1]["neg_text"] < LOCAL_BATCH).any()
+    assert (results[0]["neg_image"] >= LOCAL_BATCH).any() and (results[1]["neg_image"] < LOCAL_BATCH).any()
+
+
+def whole_batch_local_picks(model, backend, mining):
+    """The local op on the whole batch (one rank of one), with the seed the module would draw."""
+    images, texts, ids = global_batch()
+    with torch.no_grad():
+        image_feats, text_feats, momentum = model.features(images, texts)
+    seed = int(torch.randint(2**62, (), generator=torch.Generator().manual_seed(SAMPLE_SEED)))
+    image_columns, text_columns = momentum.get("image_feats_m", image_feats), momentum.get("text_feats_m", text_feats)
+    queue = {}
+    if model.loss.queue is not None:
+        torch.manual_seed(0)  # the queue as TwoTower's construction left it, before the step refilled it
+        fresh = TwoTower(backend, False, "albef", mining).loss.queue
+        queue = dict(image_queue=fresh.image_queue.double(), text_queue=fresh.text_queue.double(), queue_ids=fresh.ids)
+    result = mome.ops.itc.itc_loss_local(
+        image_feats, text_feats, image_columns, text_columns, model.loss.scale.detach(), row_offset=0,
+        image_rows_m=momentum.get("image_feats_m"), text_rows_m=momentum.get("text_feats_m"), alpha=model.loss.alpha,
+        positive_ids=ids, hard_negatives=mining, seed=seed, backend=backend, **queue,
+    )  # fmt: skip
+    return result.neg_text_idx, result.neg_image_idx
+
+
+def test_each_rank_computes_only_its_rows(two_ranks):
+    _backend, ranks = two_ranks
+    for rank, run in enumerate(ranks):
+        assert len(run["calls"]) == len(SCENARIOS)
+        for call in run["calls"]:
+            assert call == dict(rows=LOCAL_BATCH, columns=WORLD * LOCAL_BATCH, offset=rank * LOCAL_BATCH,
+                                lse=(LOCAL_BATCH,))  # fmt: skip
+
+
+def _unequal_worker(rank, store_path, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        feats = F.normalize(torch.randn(3 + rank, EMBED_DIM, dtype=torch.float64), dim=-1)
+        try:
+            ITCLoss(gather=True, backend="reference")(feats, feats)
+            message = "no error"
+        except ValueError as error:
+            message = str(error)
+        with open(f"{result_dir}/rank{rank}.txt", "w") as handle:
+            handle.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_local_batches_are_rejected_on_every_rank(tmp_path):
+    mp.spawn(_unequal_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "same local batch size" in message and "[3, 4]" in message, message
 
 
 def test_gather_needs_an_initialised_process_group():

@@ -1,9 +1,12 @@
 """``ITCLoss``: the image-text contrastive loss as a module, with its temperature, a queue and a global batch.
 
 Wraps :func:`mome.ops.itc_loss`. ``gather=True`` all-gathers the features of every rank of a
-``torch.distributed`` group (with gradient) so the loss and the hard negatives see the global
-batch; the gather's backward sums the gradient over ranks, so after DDP averages the parameter
-gradients they equal the single-process gradients on the concatenated batch.
+``torch.distributed`` group (with gradient) as the columns, and each rank computes only its own
+rows against them (``mome.ops.itc.itc_loss_local``): O(local rows) work and statistics per rank.
+Each rank's loss is the mean over its rows; the gather's backward sums every rank's column
+gradient into the rank that owns those features, so after DDP averages the parameter gradients
+(equal local batches) they equal the single-process gradients of the mean loss on the
+concatenated batch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from mome.reference.itc import ITCOutput
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """``cat`` of every rank's equally sized ``(b, ...)`` tensor; backward: all-reduce (sum), keep this rank's rows."""
+    """``cat`` of every rank's equally sized ``(b, ...)`` tensor; backward: all-reduce (sum), keep this rank's rows.
+
+    Every rank's loss depends on every rank's features through the columns: the sum collects those
+    contributions to this rank's features.
+    """
 
     @staticmethod
     def forward(ctx, tensor: Tensor, group) -> Tensor:
@@ -32,7 +39,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)  # every rank's loss depends on these rows
+        dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
 
 
@@ -60,8 +67,13 @@ class ITCLoss(nn.Module):
             training-mode forward, ALBEF style.
         alpha: momentum-distillation weight (needs momentum features in ``forward``).
         hard_negatives: ``None | "sample" | "hardest"``, as in :func:`mome.ops.itc_loss`.
-        gather: all-gather the batch over ``process_group`` (equal local batch sizes); indices of the
-            hard negatives then refer to the gathered batch, in rank order.
+        gather: all-gather the batch over ``process_group`` (equal local batch sizes, else a ValueError)
+            and compute this rank's rows against it. The returned losses are then this rank's means
+            (their mean over ranks is the global loss; DDP's gradient averaging gives the global
+            gradient), the hard negatives ``(b,)`` are this rank's rows' picks as indices into the
+            gathered batch, in rank order, and ``"sample"`` draws use a seed broadcast from the
+            group's first rank, keyed by global row, so they do not depend on the number of ranks.
+            The queue is refilled with the gathered batch.
     """
 
     def __init__(
@@ -103,14 +115,19 @@ class ITCLoss(nn.Module):
     def scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=self.max_scale)
 
-    def _global(self, tensor: Tensor | None, differentiable: bool) -> Tensor | None:
-        if tensor is None or not self.gather:
-            return tensor
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ITCLoss(gather=True) needs an initialised torch.distributed process group")
-        if differentiable:
-            return gather_with_grad(tensor, self.process_group)
-        return gather_no_grad(tensor, self.process_group)
+    def _queue_kwargs(self, dtype: torch.dtype, positive_ids: Tensor | None) -> dict:
+        if self.queue is None:
+            return {}
+        # copies: the backward reads the queue after the enqueue has overwritten rows of it
+        return dict(
+            image_queue=self.queue.image_queue.to(dtype, copy=True),
+            text_queue=self.queue.text_queue.to(dtype, copy=True),
+            queue_ids=None if positive_ids is None else self.queue.ids.clone(),
+        )
+
+    def _refill(self, image_feats: Tensor, text_feats: Tensor, positive_ids: Tensor | None) -> None:
+        if self.queue is not None and self.training:
+            self.queue.enqueue(image_feats, text_feats, positive_ids)
 
     def forward(
         self,
@@ -123,17 +140,8 @@ class ITCLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> ITCOutput:
         """``(B, d)`` unit-norm features (and momentum features, ``(B,)`` pair ids) -> ``ITCOutput``."""
-        image_feats, text_feats = self._global(image_feats, True), self._global(text_feats, True)
-        image_feats_m, text_feats_m = self._global(image_feats_m, False), self._global(text_feats_m, False)
-        positive_ids = self._global(positive_ids, False)
-        queue_kwargs = {}
-        if self.queue is not None:
-            # copies: the backward reads the queue after the enqueue below has overwritten rows of it
-            queue_kwargs = dict(
-                image_queue=self.queue.image_queue.to(image_feats.dtype, copy=True),
-                text_queue=self.queue.text_queue.to(image_feats.dtype, copy=True),
-                queue_ids=None if positive_ids is None else self.queue.ids.clone(),
-            )
+        if self.gather:
+            return self._forward_gathered(image_feats, text_feats, image_feats_m, text_feats_m, positive_ids, generator)
         result = ops.itc_loss(
             image_feats,
             text_feats,
@@ -145,15 +153,60 @@ class ITCLoss(nn.Module):
             hard_negatives=self.hard_negatives,
             generator=generator,
             backend=self.backend,
-            **queue_kwargs,
+            **self._queue_kwargs(image_feats.dtype, positive_ids),
         )
-        if self.queue is not None and self.training:
-            self.queue.enqueue(
-                image_feats if image_feats_m is None else image_feats_m,
-                text_feats if text_feats_m is None else text_feats_m,
-                positive_ids,
-            )
+        self._refill(
+            image_feats if image_feats_m is None else image_feats_m,
+            text_feats if text_feats_m is None else text_feats_m,
+            positive_ids,
+        )
         return result
+
+    def _forward_gathered(self, image_feats, text_feats, image_feats_m, text_feats_m, positive_ids, generator):
+        """This rank's rows against the columns of every rank (gathered online features, or momentum ones)."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ITCLoss(gather=True) needs an initialised torch.distributed process group")
+        group = self.process_group
+        local = image_feats.shape[0]
+        sizes = gather_no_grad(torch.tensor([local], device=image_feats.device), group)
+        if (sizes != local).any():
+            raise ValueError(
+                f"ITCLoss(gather=True) needs the same local batch size on every rank (the ranks' mean loss is then "
+                f"the global mean), got sizes {sizes.tolist()} in rank order"
+            )
+        image_columns = (
+            gather_with_grad(image_feats, group) if image_feats_m is None else gather_no_grad(image_feats_m, group)
+        )
+        text_columns = (
+            gather_with_grad(text_feats, group) if text_feats_m is None else gather_no_grad(text_feats_m, group)
+        )
+        global_ids = None if positive_ids is None else gather_no_grad(positive_ids, group)
+        result = ops.itc.itc_loss_local(
+            image_feats,
+            text_feats,
+            image_columns,
+            text_columns,
+            self.scale,
+            row_offset=dist.get_rank(group) * local,
+            image_rows_m=image_feats_m,
+            text_rows_m=text_feats_m,
+            alpha=self.alpha,
+            positive_ids=global_ids,
+            hard_negatives=self.hard_negatives,
+            seed=self._shared_seed(generator, image_feats.device) if self.hard_negatives == "sample" else 0,
+            backend=self.backend,
+            **self._queue_kwargs(image_feats.dtype, global_ids),
+        )
+        self._refill(image_columns.detach(), text_columns.detach(), global_ids)
+        return ITCOutput(*result[:5])
+
+    def _shared_seed(self, generator: torch.Generator | None, device: torch.device) -> int:
+        """Drawn like ``itc_loss`` draws it, on the group's first rank, which all ranks then use."""
+        seed = torch.randint(2**62, (), generator=generator, device="cpu" if generator is None else generator.device)
+        seed = seed.to(device)
+        first = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
+        dist.broadcast(seed, src=first, group=self.process_group)
+        return int(seed)
 
     def extra_repr(self) -> str:
         parts = [f"alpha={self.alpha}", f"hard_negatives={self.hard_negatives!r}", f"gather={self.gather}"]

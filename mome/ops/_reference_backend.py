@@ -16,6 +16,7 @@ from mome.reference import (
     attention_ref,
     attention_visibility,
     decode_attention_ref,
+    itc_loss_local_ref,
     itc_loss_ref,
     modality_layer_norm_ref,
     modality_linear_ref,
@@ -211,3 +212,70 @@ def itc_loss_bwd(
     features = [image_feats, text_feats, scale, image_feats_m, text_feats_m, image_queue, text_queue]
     grads = _vjp(losses, features, [d_loss_i2t, d_loss_t2i])
     return grads[0], grads[1], grads[2]
+
+
+# itc_loss_local: this rank's rows against the global batch (mome.nn.ITCLoss(gather=True))
+
+
+def _local_spec(alpha, positive_ids, queue_ids, row_offset, hard_negatives=None, seed=0):
+    def forward(image_rows, text_rows, image_columns, text_columns, scale, image_rows_m, text_rows_m, image_queue,
+                text_queue):  # fmt: skip
+        return itc_loss_local_ref(
+            image_rows, text_rows, image_columns, text_columns, scale, row_offset=row_offset,
+            image_rows_m=image_rows_m, text_rows_m=text_rows_m, image_queue=image_queue, text_queue=text_queue,
+            alpha=alpha, positive_ids=positive_ids, queue_ids=queue_ids, hard_negatives=hard_negatives, seed=seed,
+        )  # fmt: skip
+
+    return forward
+
+
+def itc_loss_local_fwd(
+    image_rows, text_rows, image_columns, text_columns, scale, image_rows_m, text_rows_m, image_queue, text_queue,
+    positive_ids, queue_ids, *, row_offset, alpha, hard_negatives, seed,
+):  # fmt: skip
+    dtype = torch.float32 if image_rows.dtype in (torch.float16, torch.bfloat16) else image_rows.dtype
+    features = [image_rows, text_rows, image_columns, text_columns, scale, image_rows_m, text_rows_m, image_queue,
+                text_queue]  # fmt: skip
+    up = [None if t is None else t.to(dtype) for t in features]
+    result = _local_spec(alpha, positive_ids, queue_ids, row_offset, hard_negatives, seed)(*up)
+    text_all = torch.cat([c for c in (up[3], up[8]) if c is not None])
+    image_all = torch.cat([c for c in (up[2], up[7]) if c is not None])
+    lse_i2t = torch.logsumexp(up[4] * up[0] @ text_all.T, dim=1)
+    lse_t2i = torch.logsumexp(up[4] * up[1] @ image_all.T, dim=1)
+    empty = torch.empty(0, dtype=torch.int64, device=image_rows.device)
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return (
+        result.loss_i2t.to(loss_dtype),
+        result.loss_t2i.to(loss_dtype),
+        empty if result.neg_text_idx is None else result.neg_text_idx,
+        empty if result.neg_image_idx is None else result.neg_image_idx,
+        lse_i2t.float(),
+        lse_t2i.float(),
+    )
+
+
+def itc_loss_local_bwd(
+    d_loss_i2t, d_loss_t2i, image_rows, text_rows, image_columns, text_columns, scale, image_rows_m, text_rows_m,
+    image_queue, text_queue, positive_ids, queue_ids, lse_i2t, lse_t2i, *, row_offset, alpha, column_grads,
+):  # fmt: skip
+    forward = _local_spec(alpha, positive_ids, queue_ids, row_offset)
+
+    def losses(*features):
+        result = forward(*features)
+        return result.loss_i2t, result.loss_t2i
+
+    # only what gets a gradient is differentiated (the columns only with column_grads); the rest are constants
+    def on_differentiated(image_rows_, text_rows_, scale_, *columns):
+        dtype = image_rows_.dtype
+        image_cols, text_cols = columns if columns else (image_columns.to(dtype), text_columns.to(dtype))
+        constants = [None if t is None else t.to(dtype) for t in (image_rows_m, text_rows_m, image_queue, text_queue)]
+        return losses(image_rows_, text_rows_, image_cols, text_cols, scale_, *constants)
+
+    inputs = [image_rows, text_rows, scale, *([image_columns, text_columns] if column_grads else [])]
+    grads = _vjp(on_differentiated, inputs, [d_loss_i2t, d_loss_t2i])
+    d_image, d_text, d_scale = grads[:3]
+    if column_grads:
+        d_image_columns, d_text_columns = grads[3], grads[4]
+    else:
+        d_image_columns, d_text_columns = (image_columns.new_empty((0, image_columns.shape[1])) for _ in range(2))
+    return d_image, d_text, d_image_columns, d_text_columns, d_scale
