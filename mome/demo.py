@@ -3,8 +3,9 @@
 Stage 1 trains the MoME encoder with VLMo's objectives: image-text contrastive (ITC), image-text
 matching (ITM) on the hard negatives that ``mome.ops.itc_loss`` samples, and masked language
 modelling (MLM) on fused image-text input. Stage 2 freezes the encoder and trains a caption decoder
-on its image tokens. Then it reports retrieval on held-out pairs next to chance, shows a few
-generated captions, and writes a JSON of the metrics and a PNG plot.
+on its image tokens. Then it reports retrieval and ITM accuracy on held-out pairs next to chance,
+caption exact-match and word accuracy with a few generated captions, and writes a JSON of the metrics
+and a PNG plot.
 """
 
 from __future__ import annotations
@@ -29,23 +30,28 @@ from mome.shapes_data import CaptionBatch, ShapesCaptions
 
 @dataclass
 class DemoOptions:
-    steps: int = 800  # training steps in all: stage 1 takes `encoder_fraction`, captioning the rest
+    steps: int = 1200  # training steps in all: stage 1 takes `encoder_fraction`, captioning the rest
     seed: int = 0
     out: str = "mome-demo"
     device: str = "auto"
     batch_size: int = 48
-    itm_pairs: int = 16  # ITM and MLM run on this many of the batch's pairs (ITC uses them all)
+    itm_pairs: int = 16  # ITM runs on this many positives, as many negative texts and negative images
     eval_size: int = 256
-    encoder_fraction: float = 0.7
+    encoder_fraction: float = 0.6
     lr: float = 2e-3
     dim: int = 64
     depth: int = 2
+    vl_layers: int = 1
     heads: int = 4
-    image_size: int = 32
-    patch_size: int = 8
+    image_size: int = 48  # 4 x 4 patches of 12 pixels: shape kinds stay legible at the cost of 32px's
+    patch_size: int = 12
     mlm_prob: float = 0.25
     layer_scale: float | None = None
     caption_encoder_lr: float = 0.0  # stage 2 learning rate of the encoder relative to lr; 0 freezes it
+    mlm_pairs: int = 16  # MLM runs on this many of the batch's pairs
+    jitter: float | None = 0.03  # shape centres: anywhere (None) or on a 3 x 3 grid moved by up to this much
+    decoder_image_positions: bool = True  # the decoder learns its own position embedding of the image tokens
+    decoder_depth: int = 2
     pool: str = "mean"  # ITC features: "cls" (VLMo) or the mean of the unpadded tokens; ITM reads the fused [CLS]
     quiet: bool = False
 
@@ -91,7 +97,7 @@ class Pretrainer(nn.Module):
             dim=options.dim,
             depth=options.depth,
             heads=options.heads,
-            vl_layers=1,
+            vl_layers=options.vl_layers,
             layer_scale_init=options.layer_scale,
             vocab_size=vocab_size,
             max_text_len=max_len,
@@ -131,21 +137,25 @@ class Pretrainer(nn.Module):
         """The text positions of an ``encode_pair`` output (VLMo puts the text first)."""
         return hidden[:, :text_len] if self.encoder.config.layout == "vlmo" else hidden[:, -text_len:]
 
+    def itm_loss(self, batch: CaptionBatch, neg_text_idx: Tensor, neg_image_idx: Tensor, count: int) -> Tensor:
+        """ITM cross-entropy on ``count`` positives, ``count`` negative texts and ``count`` negative images."""
+        pairs = itm_inputs(batch.images, batch.text_ids, batch.padding_mask, neg_text_idx, neg_image_idx)
+        groups = [batch.images.shape[0], int((neg_text_idx >= 0).sum()), int((neg_image_idx >= 0).sum())]
+        pair_images, pair_ids, pair_padding, labels = self._itm_subset(pairs, groups, count)
+        fused = self.encoder.encode_pair(pair_images, pair_ids, pair_padding)
+        return F.cross_entropy(self.itm(self.encoder.fused_cls(fused)), labels)
+
     def losses(self, batch: CaptionBatch, data: ShapesCaptions, options: DemoOptions, generator) -> dict[str, Tensor]:
         images, text_ids, padding = batch.images, batch.text_ids, batch.padding_mask
         image_embed, text_embed = self.itc(
             self.pooled(self.encoder.encode_image(images), None, "image"),
             self.pooled(self.encoder.encode_text(text_ids, padding), padding, "text"),
         )
-        # pairs with equal captions are positives of each other, and never each other's hard negatives
+        # pairs that equivalent captions describe are positives of each other, never each other's hard negatives
         itc = self.itc.loss(
             image_embed, text_embed, positive_ids=batch.caption_ids, hard_negatives="sample", generator=generator
         )
-        pairs = itm_inputs(images, text_ids, padding, itc.neg_text_idx, itc.neg_image_idx)
-        groups = [images.shape[0], int((itc.neg_text_idx >= 0).sum()), int((itc.neg_image_idx >= 0).sum())]
-        pair_images, pair_ids, pair_padding, labels = self._itm_subset(pairs, groups, options.itm_pairs)
-        fused = self.encoder.encode_pair(pair_images, pair_ids, pair_padding)
-        itm = F.cross_entropy(self.itm(self.encoder.fused_cls(fused)), labels)
+        itm = self.itm_loss(batch, itc.neg_text_idx, itc.neg_image_idx, options.itm_pairs)
         tokenizer = data.tokenizer
         masked_ids, mlm_labels = mask_tokens(
             text_ids,
@@ -156,7 +166,7 @@ class Pretrainer(nn.Module):
             generator=generator,
             special_ids=tokenizer.special_ids,
         )
-        few = slice(0, options.itm_pairs)
+        few = slice(0, options.mlm_pairs)
         hidden = self.encoder.encode_pair(images[few], masked_ids[few], padding[few]).hidden
         mlm = self.mlm.loss(self.text_states(hidden, text_ids.shape[1]), mlm_labels[few])
         return {"itc": itc.loss, "itm": itm, "mlm": mlm}
@@ -169,6 +179,8 @@ def _on(batch: CaptionBatch, device: torch.device) -> CaptionBatch:
         batch.padding_mask.to(device),
         batch.caption_ids.to(device),
         batch.captions,
+        batch.equivalent_captions,
+        batch.canonical_text_ids.to(device),
     )
 
 
@@ -212,7 +224,8 @@ def train_decoder(model, decoder, data, options, steps, device, history) -> None
         batch = _on(data.train_batch(options.batch_size), device)
         with torch.set_grad_enabled(options.caption_encoder_lr > 0):
             image_tokens = model.encoder.encode_image(batch.images).hidden
-        loss = decoder.loss(batch.text_ids, image_tokens)
+        # one caption per picture: with both a caption and its mirror as targets, greedy decoding mixes the two
+        loss = decoder.loss(batch.canonical_text_ids, image_tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -226,6 +239,44 @@ def recall_at(similarity: Tensor, k: int) -> float:
     k = min(k, similarity.shape[1])
     top = similarity.topk(k, dim=1).indices
     return float((top == torch.arange(similarity.shape[0], device=similarity.device)[:, None]).any(1).float().mean())
+
+
+def caption_scores(generated: list[str], equivalents: list[tuple[str, ...]]) -> tuple[float, float]:
+    """Exact-match rate and words-in-place rate of generated captions; each is scored against the closest
+    of its image's equivalent captions ("a X left of a Y" and "a Y right of a X" are both right)."""
+    exact, right_words, total_words = 0, 0, 0
+    for caption, truths in zip(generated, equivalents, strict=True):
+        words = caption.split()
+        in_place = [(sum(a == b for a, b in zip(words, t.split(), strict=False)), len(t.split())) for t in truths]
+        right, length = max(in_place, key=lambda score: score[0] / score[1])
+        exact += caption in truths
+        right_words, total_words = right_words + right, total_words + length
+    return exact / max(len(generated), 1), right_words / max(total_words, 1)
+
+
+@torch.no_grad()
+def itm_scores(model, batch: CaptionBatch, similarity: Tensor, chunk: int = 128) -> dict:
+    """ITM on held-out pairs as in training: every pair, each image with its hardest text and each text with
+    its hardest image (arg-max ITC similarity among the others). Accuracy next to the majority-class rate."""
+    size = similarity.shape[0]
+    others = similarity.masked_fill(torch.eye(size, dtype=torch.bool, device=similarity.device), float("-inf"))
+    pairs = itm_inputs(batch.images, batch.text_ids, batch.padding_mask, others.argmax(1), others.argmax(0))
+    logits = []
+    for start in range(0, pairs[0].shape[0], chunk):
+        rows = [t[start : start + chunk] for t in pairs[:3]]
+        logits.append(model.itm(model.encoder.fused_cls(model.encoder.encode_pair(*rows))))
+    logits, labels = torch.cat(logits), pairs[3]
+    predicted = logits.argmax(1)
+    majority = float(torch.bincount(labels, minlength=2).max()) / labels.numel()
+    return {
+        "pairs": int(labels.numel()),
+        "accuracy": float((predicted == labels).float().mean()),
+        "match_accuracy": float((predicted[labels == 1] == 1).float().mean()),
+        "no_match_accuracy": float((predicted[labels == 0] == 0).float().mean()),
+        "majority_rate": majority,
+        "loss": float(F.cross_entropy(logits, labels)),
+        "chance_loss": -(majority * math.log(majority) + (1 - majority) * math.log(1 - majority)),
+    }
 
 
 @torch.no_grad()
@@ -248,15 +299,17 @@ def evaluate(model, decoder, held_out: CaptionBatch, data, options, device) -> d
     image_tokens = model.encoder.encode_image(batch.images).hidden
     ids = decoder.generate(image_tokens, data.max_len - 1, tokenizer.bos_id, tokenizer.eos_id)
     generated = tokenizer.decode(ids.cpu())
-    exact = sum(g == t for g, t in zip(generated, held_out.captions, strict=True)) / size
-    words = [(g.split(), t.split()) for g, t in zip(generated, held_out.captions, strict=True)]
-    right_words = sum(sum(a == b for a, b in zip(g, t, strict=False)) for g, t in words)
+    exact, word_accuracy = caption_scores(generated, held_out.equivalent_captions)
     return {
         "held_out_pairs": size,
         "retrieval": retrieval,
+        "itm": itm_scores(model, batch, similarity) if size > 1 else None,
         "caption_exact_match": exact,
-        "caption_word_accuracy": right_words / sum(len(t) for _, t in words),
-        "examples": [{"truth": t, "generated": g} for t, g in zip(held_out.captions[:6], generated[:6], strict=True)],
+        "caption_word_accuracy": word_accuracy,
+        "examples": [
+            {"truth": truth, "generated": caption, "right": caption in truths}
+            for truth, caption, truths in zip(held_out.captions, generated, held_out.equivalent_captions, strict=True)
+        ][:6],
     }
 
 
@@ -283,13 +336,14 @@ def write_plot(history: History, metrics: dict, path: Path) -> str | None:
         return f"matplotlib is not installed ({error}); pip install matplotlib to get the plot"
     fig, (losses, bars) = plt.subplots(1, 2, figsize=(11, 4))
     for name in ("itc", "itm", "mlm", "caption"):
-        values = getattr(history, name)
-        if not values:
+        start = 0 if name != "caption" else len(history.itm)
+        kept = [(start + step, value) for step, value in enumerate(getattr(history, name)) if value is not None]
+        if not kept:
             continue
-        start = 0 if name != "caption" else len(history.itc)
+        steps, values = [step for step, _ in kept], [value for _, value in kept]
         window = max(len(values) // 30, 1)
-        smooth = torch.tensor(values).unfold(0, window, 1).mean(1).tolist() if len(values) >= window else values
-        losses.plot(range(start + window - 1, start + window - 1 + len(smooth)), smooth, label=name)
+        smooth = torch.tensor(values).unfold(0, window, 1).mean(1).tolist()
+        losses.plot(steps[window - 1 :], smooth, label=name)
     losses.set(xlabel="step", ylabel="loss (running mean)", title="training losses", yscale="log")
     losses.legend()
     retrieval = metrics["retrieval"]
@@ -316,17 +370,18 @@ def run_demo(options: DemoOptions) -> dict:
     device = _pick_device(options.device)
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
-    data = ShapesCaptions(options.seed, options.image_size)
+    data = ShapesCaptions(options.seed, options.image_size, jitter=options.jitter)
     tokenizer = data.tokenizer
     model = Pretrainer(options, tokenizer.vocab_size, data.max_len).to(device)
     decoder = CaptionDecoder(
         tokenizer.vocab_size,
         options.dim,
-        depth=2,
+        depth=options.decoder_depth,
         heads=options.heads,
         max_len=data.max_len,
         pad_id=tokenizer.pad_id,
         label_smoothing=0.1,
+        image_tokens=model.encoder.config.num_patches + 1 if options.decoder_image_positions else None,
     ).to(device)
     encoder_steps = min(max(round(options.steps * options.encoder_fraction), 1), options.steps - 1)
     history = History()
@@ -357,12 +412,20 @@ def print_report(metrics: dict, out: Path) -> None:
     for name, label in (("image_to_text", "image → text"), ("text_to_image", "text → image")):
         print(f"  {label:<14}{retrieval[name]['R@1']:>8.1%}{retrieval[name]['R@5']:>8.1%}")
     print(f"  {'chance':<14}{chance['R@1']:>8.1%}{chance['R@5']:>8.1%}")
+    itm = metrics["itm"]
+    if itm is not None:
+        print(
+            f"\nimage-text matching on {itm['pairs']} held-out pairs (each pair, its hardest text, its hardest image): "
+            f"{itm['accuracy']:.1%} right (majority class {itm['majority_rate']:.1%}; "
+            f"matches {itm['match_accuracy']:.1%}, non-matches {itm['no_match_accuracy']:.1%}), "
+            f"loss {itm['loss']:.3f} (chance {itm['chance_loss']:.3f})"
+        )
     print(
         f"\ncaptions (greedy, KV cache) on held-out images: {metrics['caption_exact_match']:.1%} exactly right, "
-        f"{metrics['caption_word_accuracy']:.1%} of the words right in place"
+        f"{metrics['caption_word_accuracy']:.1%} of the words right in place (a caption or its mirror counts)"
     )
     for example in metrics["examples"]:
-        mark = "=" if example["generated"] == example["truth"] else "≠"
+        mark = "=" if example["right"] else "≠"
         print(f"  truth: {example['truth']:<48} {mark} generated: {example['generated']}")
     print(f"\nmetrics: {out / 'metrics.json'}")
     if metrics["plot"]:

@@ -2,8 +2,9 @@
 
 Every image holds one or two shapes; a caption names each shape's size, colour and kind, and
 with two shapes how the first sits relative to the second ("a small red circle left of a large
-blue square"). Everything is drawn from a seed, so a run is reproducible, and held-out pairs come
-from a separate random stream with distinct captions, so retrieval on them has one right answer.
+blue square"). A caption and its mirror ("a large blue square right of a small red circle") describe
+the same scene and share one id. Everything is drawn from a seed, so a run is reproducible, and held-out
+pairs come from a separate random stream with distinct scenes, so retrieval on them has one right answer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 RELATIONS = ("left of", "right of", "above", "below")
+MIRRORED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 SPECIAL_TOKENS = ("[pad]", "[bos]", "[eos]", "[mask]")
 
 _RADIUS = {"small": (0.09, 0.12), "large": (0.16, 0.20)}  # half-extent as a fraction of the image side
@@ -64,14 +66,36 @@ class Scene:
         first, second = self.shapes
         return f"a {first.words()} {self.relation} a {second.words()}"
 
+    def mirrored(self) -> Scene:
+        """The same picture told from the other shape: "a X left of a Y" is "a Y right of a X"."""
+        if len(self.shapes) == 1:
+            return self
+        return Scene(self.shapes[::-1], MIRRORED[self.relation])
+
+    @property
+    def canonical(self) -> Scene:
+        """The one of the scene and its mirror that reads left to right or top to bottom."""
+        return self if len(self.shapes) == 1 or self.relation in ("left of", "above") else self.mirrored()
+
+    @property
+    def equivalent_captions(self) -> tuple[str, ...]:
+        """Every caption that describes this scene exactly: the caption, and with two shapes its mirror."""
+        return tuple(dict.fromkeys((self.caption, self.mirrored().caption)))
+
     @property
     def caption_id(self) -> int:
-        """Equal for scenes with equal captions, distinct otherwise (ITC treats equal ids as positives)."""
+        """Equal for scenes that equivalent captions describe, distinct otherwise.
+
+        ITC treats equal ids as positives and never draws a hard negative among them, so a caption and
+        its mirror ("a X left of a Y", "a Y right of a X") share one id: they describe the same picture,
+        and an ITM "no match" label on either would be wrong.
+        """
         if len(self.shapes) == 1:
             return self.shapes[0].code
-        first, second = self.shapes
+        scene = self.canonical
+        first, second = scene.shapes
         pair = first.code * _OBJECT_KINDS + second.code
-        return _OBJECT_KINDS + pair * len(RELATIONS) + RELATIONS.index(self.relation)
+        return _OBJECT_KINDS + pair * len(RELATIONS) + RELATIONS.index(scene.relation)
 
 
 def _random_shape(rng: np.random.Generator, x_range: tuple[float, float], y_range: tuple[float, float]) -> Shape:
@@ -84,8 +108,16 @@ def _random_shape(rng: np.random.Generator, x_range: tuple[float, float], y_rang
     )
 
 
-def sample_scene(rng: np.random.Generator, two_shape_fraction: float = 0.75) -> Scene:
-    """A random scene; two shapes sit in opposite halves so the relation in the caption holds."""
+def sample_scene(rng: np.random.Generator, two_shape_fraction: float = 0.75, jitter: float | None = None) -> Scene:
+    """A random scene; two shapes sit in opposite halves so the relation in the caption holds.
+
+    ``jitter=None`` places shapes anywhere in their region. A float places each centre on a point of a
+    3 x 3 grid (the patch corners of a 4 x 4 patch grid), moved by up to ``jitter`` (a fraction of the
+    side) each way: a tiny patch-based encoder then sees each kind of shape cut the same way by the patch
+    borders, and learns the kinds from far fewer images.
+    """
+    if jitter is not None:
+        return _grid_scene(rng, two_shape_fraction, jitter)
     if rng.random() >= two_shape_fraction:
         return Scene((_random_shape(rng, (0.3, 0.7), (0.3, 0.7)),))
     relation = RELATIONS[rng.integers(len(RELATIONS))]
@@ -97,6 +129,29 @@ def sample_scene(rng: np.random.Generator, two_shape_fraction: float = 0.75) -> 
         first_y, second_y = (near, far) if relation == "above" else (far, near)
         first, second = _random_shape(rng, anywhere, first_y), _random_shape(rng, anywhere, second_y)
     while second.code == first.code:  # "a red circle left of a red circle" names neither one
+        second = _random_shape(rng, (second.x, second.x), (second.y, second.y))
+    return Scene((first, second), relation)
+
+
+_GRID = (0.25, 0.5, 0.75)
+
+
+def _grid_scene(rng: np.random.Generator, two_shape_fraction: float, jitter: float) -> Scene:
+    def around(centre: float) -> tuple[float, float]:
+        return (centre - jitter, centre + jitter)
+
+    if rng.random() >= two_shape_fraction:
+        return Scene((_random_shape(rng, around(0.5), around(0.5)),))
+    relation = RELATIONS[rng.integers(len(RELATIONS))]
+    near, far, across = _GRID[0], _GRID[2], _GRID[rng.integers(len(_GRID))]
+    first_at, second_at = (near, far) if relation in ("left of", "above") else (far, near)
+    if relation in ("left of", "right of"):
+        first = _random_shape(rng, around(first_at), around(across))
+        second = _random_shape(rng, around(second_at), around(across))
+    else:
+        first = _random_shape(rng, around(across), around(first_at))
+        second = _random_shape(rng, around(across), around(second_at))
+    while second.code == first.code:
         second = _random_shape(rng, (second.x, second.x), (second.y, second.y))
     return Scene((first, second), relation)
 
@@ -184,15 +239,20 @@ class CaptionBatch:
     images: Tensor  # [N, 3, S, S] float32
     text_ids: Tensor  # [N, L] int64, [bos] ... [eos] then pad
     padding_mask: Tensor  # [N, L] bool, True = pad
-    caption_ids: Tensor  # [N] int64, equal for equal captions
+    caption_ids: Tensor  # [N] int64, equal for captions that describe the same scene
     captions: list[str]
+    equivalent_captions: list[tuple[str, ...]]  # per pair, every caption that describes its image exactly
+    canonical_text_ids: Tensor  # [N, L] int64, the caption told left to right / top to bottom (decoder targets)
 
 
 class ShapesCaptions:
     """Endless training batches and a held-out set, all determined by ``seed``."""
 
-    def __init__(self, seed: int = 0, image_size: int = 32, max_len: int = MAX_CAPTION_TOKENS) -> None:
+    def __init__(
+        self, seed: int = 0, image_size: int = 32, max_len: int = MAX_CAPTION_TOKENS, jitter: float | None = None
+    ) -> None:
         self.image_size = image_size
+        self.jitter = jitter
         self.max_len = max_len
         self.tokenizer = CaptionTokenizer()
         self._train_rng = np.random.default_rng([seed, 0])
@@ -207,18 +267,22 @@ class ShapesCaptions:
             padding_mask=padding_mask,
             caption_ids=torch.tensor([scene.caption_id for scene in scenes], dtype=torch.int64),
             captions=captions,
+            equivalent_captions=[scene.equivalent_captions for scene in scenes],
+            canonical_text_ids=self.tokenizer.encode([scene.canonical.caption for scene in scenes], self.max_len)[0],
         )
 
     def train_batch(self, batch_size: int) -> CaptionBatch:
         """The next training batch (captions may repeat; ``caption_ids`` says which)."""
-        return self._batch([sample_scene(self._train_rng) for _ in range(batch_size)], self._train_rng)
+        scenes = [sample_scene(self._train_rng, jitter=self.jitter) for _ in range(batch_size)]
+        return self._batch(scenes, self._train_rng)
 
     def held_out(self, size: int) -> CaptionBatch:
-        """``size`` pairs from their own random stream, every caption different (one right answer per query)."""
+        """``size`` pairs from their own random stream, no two alike (one right answer per query): two captions
+        never describe the same scene, a caption and its mirror included."""
         rng = np.random.default_rng(self._held_out_seed)
         scenes, seen = [], set()
         while len(scenes) < size:
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, jitter=self.jitter)
             if scene.caption_id not in seen:
                 seen.add(scene.caption_id)
                 scenes.append(scene)

@@ -128,6 +128,26 @@ def test_cached_greedy_generation_equals_recomputation(dtype, padded):
     assert_close(cached_logits, full, TOLERANCE[dtype], "step logits vs forward")
 
 
+def test_image_positions_are_added_before_cross_attention_and_kept_by_the_cache():
+    decoder = make_decoder(seed=5, image_tokens=6)
+    plain = make_decoder(seed=5)
+    plain.load_state_dict({k: v for k, v in decoder.state_dict().items() if k != "image_pos_embed"})
+    text_ids, image_tokens, mask = make_inputs(tokens=6, seed=6)
+    assert decoder.image_pos_embed.shape == (6, IMAGE_DIM) and decoder.image_pos_embed.abs().max() > 0
+    expected = plain_torch_logits(plain, text_ids, image_tokens + decoder.image_pos_embed, mask)
+    assert_close(decoder(text_ids, image_tokens, mask), expected, TOLERANCE[torch.float64], "logits")
+    cached = decoder.generate(image_tokens, MAX_LEN - 1, BOS, EOS, image_padding_mask=mask)
+    fresh = decoder.generate(image_tokens, MAX_LEN - 1, BOS, EOS, image_padding_mask=mask, use_cache=False)
+    assert torch.equal(cached, fresh)
+    loss = decoder.loss(text_ids, image_tokens, mask)
+    loss.backward()
+    assert decoder.image_pos_embed.grad is not None and decoder.image_pos_embed.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="image_tokens"):
+        decoder(text_ids, image_tokens[:, :5])
+    with pytest.raises(ValueError, match="image_tokens"):
+        CaptionDecoder(VOCAB, DIM, DEPTH, HEADS, image_tokens=0)
+
+
 def test_cache_uses_decode_attention_and_projects_image_once():
     decoder = make_decoder(seed=4)
     _, image_tokens, _ = make_inputs(padded=False)

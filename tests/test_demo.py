@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from mome.demo import DemoOptions, History, Progress, main, recall_at, run_demo, write_plot
-from mome.shapes_data import COLORS, CaptionTokenizer, ShapesCaptions, render, sample_scene
+from mome.demo import (
+    DemoOptions,
+    History,
+    Progress,
+    caption_scores,
+    main,
+    recall_at,
+    run_demo,
+    write_plot,
+)
+from mome.shapes_data import COLORS, CaptionTokenizer, Scene, ShapesCaptions, render, sample_scene
 
 
 @pytest.fixture(autouse=True)
@@ -33,27 +42,70 @@ def test_batches_are_deterministic_from_the_seed():
     assert torch.equal(first.held_out(16).images, again.held_out(16).images)
 
 
-def test_held_out_captions_are_distinct_and_ids_follow_captions():
+def test_held_out_captions_are_distinct_and_ids_follow_scenes():
     data = ShapesCaptions(0)
     held_out = data.held_out(200)
     assert len(set(held_out.captions)) == 200
     assert len(set(held_out.caption_ids.tolist())) == 200
+    described = [set(e) for e in held_out.equivalent_captions]
+    assert all(a.isdisjoint(b) for i, a in enumerate(described) for b in described[:i]), "a mirror slipped in"
     batch = data.train_batch(400)
-    by_caption = {}
-    for caption, caption_id in zip(batch.captions, batch.caption_ids.tolist(), strict=True):
-        assert by_caption.setdefault(caption, caption_id) == caption_id
-    assert len(set(by_caption.values())) == len(by_caption), "distinct captions must get distinct ids"
+    by_scene = {}
+    for truths, caption_id in zip(batch.equivalent_captions, batch.caption_ids.tolist(), strict=True):
+        assert by_scene.setdefault(frozenset(truths), caption_id) == caption_id
+    assert len(set(by_scene.values())) == len(by_scene), "different scenes must get different ids"
 
 
-def test_scenes_match_their_captions():
+def test_a_caption_and_its_mirror_share_one_id():
+    rng = np.random.default_rng(5)
+    scenes = [sample_scene(rng) for _ in range(100)]
+    pairs = [scene for scene in scenes if len(scene.shapes) == 2]
+    assert pairs, "the sampler should draw two-shape scenes"
+    for scene in pairs:
+        mirror = scene.mirrored()
+        assert mirror.caption != scene.caption and mirror.mirrored() == scene
+        assert mirror.caption_id == scene.caption_id
+        assert scene.equivalent_captions == (scene.caption, mirror.caption)
+        other = Scene(scene.shapes, "above" if scene.relation in ("left of", "right of") else "left of")
+        assert other.caption_id != scene.caption_id
+    single = next(scene for scene in scenes if len(scene.shapes) == 1)
+    assert single.mirrored() == single and single.equivalent_captions == (single.caption,)
+    assert Scene(tuple(pairs[0].shapes[::-1]), pairs[0].relation).caption_id != pairs[0].caption_id
+
+
+def test_decoder_targets_are_the_canonical_caption():
+    data = ShapesCaptions(2)
+    batch = data.train_batch(64)
+    canonical = data.tokenizer.decode(batch.canonical_text_ids)
+    for caption, truths in zip(canonical, batch.equivalent_captions, strict=True):
+        assert caption in truths and "right of" not in caption and "below" not in caption
+    assert any(c != t for c, t in zip(canonical, batch.captions, strict=True)), "some captions are told mirrored"
+
+
+def test_caption_scores_accept_the_mirror_and_count_words_in_place():
+    truths = [("a small red circle left of a large blue square", "a large blue square right of a small red circle")]
+    assert caption_scores(["a large blue square right of a small red circle"], truths) == (1.0, 1.0)
+    exact, words = caption_scores(["a small red cross left of a large blue square"], truths)
+    assert exact == 0.0 and words == pytest.approx(9 / 10)
+    exact, words = caption_scores(["a large blue square", "a small red circle"], [("a large blue cross",)] * 2)
+    assert exact == 0.0 and words == pytest.approx((3 + 1) / 8)
+    assert caption_scores([], []) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("jitter", [None, 0.03])
+def test_scenes_match_their_captions(jitter):
     rng = np.random.default_rng(0)
     for _ in range(200):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, jitter=jitter)
         image = render([scene], 32, np.random.default_rng(1))[0] * 0.3 + 0.4  # undo the normalisation
         for shape in scene.shapes:
             row, col = int(shape.y * 32), int(shape.x * 32)
             if shape.kind != "triangle":  # a triangle's centre row may fall on its thin apex
                 assert torch.allclose(image[:, row, col], torch.tensor(COLORS[shape.color]), atol=1e-5), scene
+        if jitter is not None:  # on the 3 x 3 grid of patch corners, moved by at most the jitter
+            for shape in scene.shapes:
+                for coordinate in (shape.x, shape.y):
+                    assert min(abs(coordinate - point) for point in (0.25, 0.5, 0.75)) <= jitter + 1e-9, scene
         if len(scene.shapes) == 2:
             first, second = scene.shapes
             delta = {"left of": second.x - first.x, "right of": first.x - second.x}
@@ -98,15 +150,21 @@ def test_short_run_retrieves_far_above_chance(tmp_path):
     assert len(history["itc"]) == 80 and len(history["caption"]) == 20
     assert np.mean(history["itc"][-10:]) < np.mean(history["itc"][:10]) - 0.5, "the ITC loss should fall"
     assert np.mean(history["caption"][-5:]) < np.mean(history["caption"][:5]), "the caption loss should fall"
+    itm = metrics["itm"]
+    assert itm["pairs"] == 3 * 64 and itm["majority_rate"] == pytest.approx(2 / 3)
+    assert 0.0 <= itm["accuracy"] <= 1.0 and np.isfinite(itm["loss"])
+    assert 0.0 <= metrics["caption_word_accuracy"] <= 1.0 and metrics["caption_exact_match"] <= 1.0
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["retrieval"] == retrieval
-    assert all(set(example) == {"truth", "generated"} for example in metrics["examples"])
+    assert saved["retrieval"] == retrieval and saved["itm"] == itm
+    assert saved["caption_exact_match"] == metrics["caption_exact_match"]
+    assert all(set(example) == {"truth", "generated", "right"} for example in metrics["examples"])
 
 
 def test_cli_prints_the_report(tmp_path, capsys):
     assert main(["--steps", "4", "--eval-size", "16", "--batch-size", "8", "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    for expected in ("image → text", "text → image", "chance", "truth:", str(tmp_path / "metrics.json")):
+    expected_lines = ("image → text", "text → image", "chance", "image-text matching", "truth:", "exactly right")
+    for expected in (*expected_lines, str(tmp_path / "metrics.json")):
         assert expected in printed
     try:
         import matplotlib  # noqa: F401

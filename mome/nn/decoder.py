@@ -141,6 +141,7 @@ class CaptionDecoder(nn.Module):
         pad_id: int = 0,
         label_smoothing: float = 0.0,
         eps: float = 1e-6,
+        image_tokens: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
@@ -154,9 +155,14 @@ class CaptionDecoder(nn.Module):
             raise ValueError(f"pad_id must lie in [0, vocab_size={vocab_size}), got {pad_id}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if image_tokens is not None and (not isinstance(image_tokens, int) or image_tokens < 1):
+            raise ValueError(f"image_tokens must be None or a positive int, got {image_tokens!r}")
         self.vocab_size, self.dim, self.heads, self.max_len = vocab_size, dim, heads, max_len
         self.image_dim = dim if image_dim is None else image_dim
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
+        self.image_tokens = image_tokens
+        # where each image token sits, learned by the decoder itself: the encoder's top states need not keep it
+        self.image_pos_embed = None if image_tokens is None else nn.Parameter(torch.zeros(image_tokens, self.image_dim))
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(max_len, dim))
         hidden = int(dim * mlp_ratio)
@@ -174,11 +180,14 @@ class CaptionDecoder(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.trunc_normal_(module.weight, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.image_pos_embed is not None:
+            nn.init.trunc_normal_(self.image_pos_embed, std=0.02)
 
     def extra_repr(self) -> str:
         return (
             f"vocab_size={self.vocab_size}, dim={self.dim}, heads={self.heads}, max_len={self.max_len}, "
-            f"image_dim={self.image_dim}, pad_id={self.pad_id}, label_smoothing={self.label_smoothing}"
+            f"image_dim={self.image_dim}, pad_id={self.pad_id}, label_smoothing={self.label_smoothing}, "
+            f"image_tokens={self.image_tokens}"
         )
 
     # -- checks ---------------------------------------------------------------------------------
@@ -192,6 +201,11 @@ class CaptionDecoder(nn.Module):
             raise TypeError(f"image_tokens must be a float tensor (B, M, image_dim), got {got}")
         if image_tokens.shape[-1] != self.image_dim or image_tokens.shape[1] == 0:
             raise ValueError(f"image_tokens must be (B, M >= 1, {self.image_dim}), got {tuple(image_tokens.shape)}")
+        if self.image_tokens is not None and image_tokens.shape[1] != self.image_tokens:
+            raise ValueError(
+                f"image_tokens must have M = {self.image_tokens} tokens (the decoder's image positions), "
+                f"got {tuple(image_tokens.shape)}"
+            )
         if image_padding_mask is not None:
             if not isinstance(image_padding_mask, Tensor) or image_padding_mask.dtype != torch.bool:
                 raise TypeError(f"image_padding_mask must be a bool tensor (True = pad), got {image_padding_mask!r}")
@@ -215,6 +229,8 @@ class CaptionDecoder(nn.Module):
     # -- training -------------------------------------------------------------------------------
     def image_kv(self, image_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every layer's cross-attention keys and values, computed once per image."""
+        if self.image_pos_embed is not None:
+            image_tokens = image_tokens + self.image_pos_embed.to(image_tokens.dtype)
         return [layer.image_kv(image_tokens) for layer in self.layers]
 
     def forward(self, text_ids: Tensor, image_tokens: Tensor, image_padding_mask: Tensor | None = None) -> Tensor:
