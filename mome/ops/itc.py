@@ -145,10 +145,31 @@ def _itc_backward(ctx, d_loss_i2t, d_loss_t2i, _dneg_text, _dneg_image, _dlse_i2
 _itc_fwd.register_autograd(_itc_backward, setup_context=_itc_setup)
 
 
-def _check_features(name: str, value: Tensor, image_feats: Tensor, rows: int | None) -> None:
+def _check_features(name: str, value: Tensor, like: Tensor, rows: int | None, like_name: str = "image_feats") -> None:
     check_float(name, value, ndim=2)
-    check_same(name, value, "image_feats", image_feats)
-    check_shape(name, value, (rows, image_feats.shape[1]), f"(rows, d) with d = {image_feats.shape[1]}")
+    check_same(name, value, like_name, like)
+    check_shape(name, value, (rows, like.shape[1]), f"(rows, d) with d = {like.shape[1]}")
+
+
+def _check_momentum_and_queues(like: Tensor, like_name: str, rows: int, momentum: dict, image_queue, text_queue,
+                               alpha: float) -> int:  # fmt: skip
+    """Momentum features, queues and alpha, as itc_loss and itc_loss_local take them; returns the queue length."""
+    for name, value in momentum.items():
+        if value is not None:
+            _check_features(name, value, like, rows, like_name)
+    if (image_queue is None) != (text_queue is None):
+        raise ValueError("image_queue and text_queue go together: pass both or neither")
+    queue = 0
+    if image_queue is not None:
+        _check_features("image_queue", image_queue, like, None, like_name)
+        queue = image_queue.shape[0]
+        _check_features("text_queue", text_queue, like, queue, like_name)
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if alpha > 0 and any(value is None for value in momentum.values()):
+        names = " and ".join(momentum)
+        raise ValueError(f"alpha > 0 needs {names}: the soft targets come from momentum features")
+    return queue
 
 
 def _check_id_vector(name: str, ids: Tensor, length: int, what: str, device: torch.device) -> Tensor:
@@ -219,20 +240,8 @@ def itc_loss(
         got = tuple(image_feats.shape)
         raise ValueError(f"image_feats must have at least one row and one feature, got shape {got}")
     _check_features("text_feats", text_feats, image_feats, batch)
-    for name, value in (("image_feats_m", image_feats_m), ("text_feats_m", text_feats_m)):
-        if value is not None:
-            _check_features(name, value, image_feats, batch)
-    if (image_queue is None) != (text_queue is None):
-        raise ValueError("image_queue and text_queue go together: pass both or neither")
-    queue = 0
-    if image_queue is not None:
-        _check_features("image_queue", image_queue, image_feats, None)
-        queue = image_queue.shape[0]
-        _check_features("text_queue", text_queue, image_feats, queue)
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if alpha > 0 and (image_feats_m is None or text_feats_m is None):
-        raise ValueError("alpha > 0 needs image_feats_m and text_feats_m: the soft targets come from momentum features")
+    momentum = dict(image_feats_m=image_feats_m, text_feats_m=text_feats_m)
+    queue = _check_momentum_and_queues(image_feats, "image_feats", batch, momentum, image_queue, text_queue, alpha)
     if positive_ids is not None:
         positive_ids = _check_id_vector("positive_ids", positive_ids, batch, "(one id per pair)", image_feats.device)
     if queue_ids is not None:
@@ -442,30 +451,18 @@ def itc_loss_local(
     local, dim = image_rows.shape
     if local == 0 or dim == 0:
         raise ValueError(f"image_rows must have at least one row and one feature, got shape {tuple(image_rows.shape)}")
-    _check_local_features("text_rows", text_rows, image_rows, local)
+    _check_features("text_rows", text_rows, image_rows, local, "image_rows")
     check_float("image_columns", image_columns, ndim=2)
     batch = image_columns.shape[0]
-    _check_local_features("image_columns", image_columns, image_rows, None)
-    _check_local_features("text_columns", text_columns, image_rows, batch)
+    _check_features("image_columns", image_columns, image_rows, None, "image_rows")
+    _check_features("text_columns", text_columns, image_rows, batch, "image_rows")
     if isinstance(row_offset, bool) or not isinstance(row_offset, int):
         raise TypeError(f"row_offset must be an int, got {type(row_offset).__name__}")
     if not 0 <= row_offset <= batch - local:
         raise ValueError(f"row_offset must lie in [0, B - b] = [0, {batch - local}] (B = {batch} columns, "
                          f"b = {local} rows), got {row_offset}")  # fmt: skip
-    for name, value in (("image_rows_m", image_rows_m), ("text_rows_m", text_rows_m)):
-        if value is not None:
-            _check_local_features(name, value, image_rows, local)
-    if (image_queue is None) != (text_queue is None):
-        raise ValueError("image_queue and text_queue go together: pass both or neither")
-    queue = 0
-    if image_queue is not None:
-        _check_local_features("image_queue", image_queue, image_rows, None)
-        queue = image_queue.shape[0]
-        _check_local_features("text_queue", text_queue, image_rows, queue)
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if alpha > 0 and (image_rows_m is None or text_rows_m is None):
-        raise ValueError("alpha > 0 needs image_rows_m and text_rows_m: the soft targets come from momentum features")
+    momentum = dict(image_rows_m=image_rows_m, text_rows_m=text_rows_m)
+    queue = _check_momentum_and_queues(image_rows, "image_rows", local, momentum, image_queue, text_queue, alpha)
     if alpha > 0 and (image_columns.requires_grad or text_columns.requires_grad):
         raise ValueError("alpha > 0 takes momentum columns, constants: pass image_columns/text_columns detached")
     if positive_ids is not None:
@@ -504,12 +501,6 @@ def itc_loss_local(
         lse_i2t,
         lse_t2i,
     )
-
-
-def _check_local_features(name: str, value: Tensor, image_rows: Tensor, rows: int | None) -> None:
-    check_float(name, value, ndim=2)
-    check_same(name, value, "image_rows", image_rows)
-    check_shape(name, value, (rows, image_rows.shape[1]), f"(rows, d) with d = {image_rows.shape[1]}")
 
 
 # Reference launchers of itc_loss_local (the launcher contract of mome.ops._reference_backend): the spec in the
