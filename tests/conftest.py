@@ -11,6 +11,17 @@ if not torch.cuda.is_available():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every torch.empty / empty_like in the test starts as NaN (ints: a sentinel), so an element a kernel
+    forgets to write fails the comparison. Kernel test files opt in with ``usefixtures`` or by name."""
+    from tests.helpers import poison
+
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

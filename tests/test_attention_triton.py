@@ -19,24 +19,15 @@ from mome.reference import attention_ref
 from tests.helpers import TOLERANCE, assert_close
 
 triton_attention = pytest.importorskip("mome.kernels.attention")
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),  # interpreter
+    pytest.mark.usefixtures("poisoned_allocations"),
+]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The backward rounds P and dS to the input dtype before its matmuls. fp16 gradients measure ~3e-4 (interpreter),
 # well inside the fp16 bound; bf16 (8-bit mantissa, not yet measured on a GPU) gets twice the forward's bound.
 GRAD_TOLERANCE = {**TOLERANCE, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
-    """Every tensor the launchers allocate starts as NaN, so an element a kernel forgets to write fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(empty_like(*a, **kw)))
 
 
 def make_case(batch, heads, kv_heads, nq, nk, dim, dtype, *, causal=False, padding=None, prefix=None, modality=None,

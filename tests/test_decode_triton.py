@@ -13,21 +13,12 @@ from mome.reference import decode_attention_ref
 from tests.helpers import TOLERANCE, assert_close
 
 triton_decode = pytest.importorskip("mome.kernels.decode")
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),  # interpreter
+    pytest.mark.usefixtures("poisoned_allocations"),
+]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
-    """Every tensor the launcher allocates (output and partial results) starts as NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(empty_like(*a, **kw)))
 
 
 def make_case(batch, heads, kv_heads, nmax, dim, dtype, seqlens, seed=0):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mome.ops import itc_loss
 from mome.ops.itc import itc_loss_local
 from mome.reference.itc import itc_loss_local_ref, itc_loss_ref, positive_mask
-from tests.helpers import TOLERANCE, assert_close, poison
+from tests.helpers import TOLERANCE, assert_close
 
 GRAD_WEIGHTS = (0.7, 1.3)  # d loss_i2t, d loss_t2i: unequal, so a swapped direction fails
 BATCH, DIM, QUEUE = 45, 24, 7
@@ -17,14 +17,6 @@ BATCH, DIM, QUEUE = 45, 24, 7
 def features(rows, dim, seed):
     gen = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=-1)
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Every torch.empty / empty_like during the test is filled with NaN (ints: a sentinel)."""
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 def make_batch(mode, batch=BATCH, seed=0):

@@ -12,20 +12,14 @@ import torch
 from mome.ops import modality_ffn, modality_layer_norm, modality_linear
 from mome.ops._dispatch import BackendUnavailableError
 from mome.reference import modality_ffn_ref, modality_layer_norm_ref, modality_linear_ref
-from tests.helpers import TOLERANCE, assert_close, poison
+from tests.helpers import TOLERANCE, assert_close
 from tests.test_routing import make_ids
 
 pytest.importorskip("triton")
 
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
-
-
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
-    """Tensors the launchers allocate with torch.empty / empty_like start as NaN, so unwritten elements fail."""
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
 
 
 def _device() -> str:
