@@ -77,10 +77,13 @@ def _mome_call(inputs, backend, context):
     extra = {}
     if "image_queue" in inputs:
         extra = dict(
-            image_feats_m=inputs["image_feats_m"], text_feats_m=inputs["text_feats_m"],
-            image_queue=inputs["image_queue"], text_queue=inputs["text_queue"], alpha=ALBEF_ALPHA,
+            image_feats_m=inputs["image_feats_m"],
+            text_feats_m=inputs["text_feats_m"],
+            image_queue=inputs["image_queue"],
+            text_queue=inputs["text_queue"],
+            alpha=ALBEF_ALPHA,
             hard_negatives="sample",
-        )  # fmt: skip
+        )
     return ops.itc_loss(inputs["image_feats"], inputs["text_feats"], inputs["scale"], backend=backend, **extra).loss
 
 
@@ -136,10 +139,10 @@ FAMILIES = [
             "open_clip": Provider("open_clip", "baseline", _open_clip_setup, applies=lambda s: not s.albef),
             "clip-formula": Provider(
                 "clip-formula", "baseline", lambda *_: _clip_formula, applies=lambda s: not s.albef
-            ),  # fmt: skip
+            ),
             "albef-formula": Provider(
                 "albef-formula", "baseline", lambda *_: _albef_formula, applies=lambda s: s.albef
-            ),  # fmt: skip
+            ),
         },
         make_inputs=make_inputs,
         work=work,

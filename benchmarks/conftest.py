@@ -8,18 +8,21 @@ timings: CUDA events per call; pytest-benchmark's own stats time the whole measu
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-from mome import perf
+from mome import perf, settings
 
 from . import harness
 
-# The id range check reads ids back to the host on every call; it is off while timing kernels
-# (each row records the setting). MOME_CHECK_IDS=1 measures what a default call costs.
-os.environ.setdefault("MOME_CHECK_IDS", "0")
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_id_checks_while_timing():
+    """The id range check reads ids back to the host on every call; it is off while timing kernels (each row
+    records the setting). MOME_CHECK_IDS=1 measures what a default call costs."""
+    with settings.override(check_ids=settings.check_ids(when_unset=False)):
+        yield
 
 _ROWS: list[dict] = []
 
@@ -88,7 +91,7 @@ def measure(benchmark, bench_device, ceilings, environment, request):
             rounds=1,
             iterations=1,
         )
-        row.update(environment, check_ids=os.environ.get("MOME_CHECK_IDS", "1"))
+        row.update(environment, check_ids="1" if settings.check_ids() else "0")
         if ceilings is not None:
             row.update(copy_gbps=ceilings.copy_gbps, matmul_tflops=ceilings.matmul_tflops)
         benchmark.extra_info.update(row)

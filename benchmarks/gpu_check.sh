@@ -93,7 +93,7 @@ if [ "$SKIP_BENCH" = 0 ]; then
         case "$family" in
             attention) add_step bench-attention 90 bench.log "$PYTHON -m pytest benchmarks/bench_attention.py $BENCH_OPTIONS" ;;
             decode) add_step bench-decode 25 bench.log "$PYTHON -m pytest benchmarks/bench_decode.py $BENCH_OPTIONS" ;;
-            modality) add_step bench-modality 45 bench.log "$PYTHON -m pytest benchmarks/bench_modality_ffn.py $BENCH_OPTIONS" ;;
+            modality) add_step bench-modality 45 bench.log "$PYTHON -m pytest benchmarks/bench_modality.py $BENCH_OPTIONS" ;;
             itc) add_step bench-itc 40 bench.log "$PYTHON -m pytest benchmarks/bench_itc.py $BENCH_OPTIONS" ;;
             layer) add_step bench-layer 45 bench.log "$PYTHON -m pytest benchmarks/bench_layer.py $BENCH_OPTIONS" ;;
         esac

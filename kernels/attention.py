@@ -1,4 +1,4 @@
-"""Triton backend of ``mome.ops.attention``: flash-style forward and backward with masks as structure.
+"""Triton backend of the attention op family: flash-style forward and backward with masks as structure.
 
 Tiling. The forward keeps a ``BLOCK_M`` tile of queries in registers and streams ``BLOCK_N`` tiles of
 keys and values with an online softmax in base 2 (``log2 e`` is folded into the scale), accumulating
@@ -28,27 +28,23 @@ import math
 import torch
 import triton
 import triton.language as tl
+from mome.kernels._common import TRITON_TYPE, dot_precision, padded_dim, pointer_type, widen_bf16_in_interpreter
 from mome.kernels.aot import AotSpec
 from torch import Tensor
-
-from mome.ops._dispatch import triton_interpreting
 
 LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 31  # one int32 bitmask per query modality
 
+MAX_GRID_ROWS = 65535  # the grid's second dimension: one row per (batch, head)
 
-# The interpreter computes bf16 arithmetic wrongly (it runs numpy on the raw bits): there, bf16 tiles are widened to
-# fp32 right after loading. Compiled kernels keep bf16 operands for the tensor cores.
-_WIDEN_BF16 = tl.constexpr(triton_interpreting())
-
-
-@triton.jit
-def widen_bf16_in_interpreter(x):
-    if _WIDEN_BF16:
-        if x.dtype == tl.bfloat16:
-            x = x.to(tl.float32)
-    return x
+# What this backend runs: the op reads it before any launch (the backend contract).
+LIMITS = {
+    "dtypes": (torch.float16, torch.bfloat16, torch.float32),
+    "head_dim": (1, MAX_HEAD_DIM),
+    "batch_heads": (0, MAX_GRID_ROWS),  # empty inputs return at once
+    "modalities": (1, MAX_MODALITIES),
+}
 
 
 @triton.jit
@@ -109,6 +105,12 @@ def _visible(
 
 
 @triton.jit
+def _seen_by_some_row(visible, row_ok):
+    """Per key of a tile: does any (in-bounds) query of the tile see it?"""
+    return tl.max((visible & row_ok[:, None]).to(tl.int32), 0) > 0
+
+
+@triton.jit
 def _key_tile_info(KeyPad, Modality, batch, cols, nk, HAS_PADDING: tl.constexpr, HAS_MODALITY: tl.constexpr):
     """Per key of a tile: in bounds and not padding; its modality id (0 when there are no modality ids)."""
     key_ok = cols < nk
@@ -150,11 +152,13 @@ def _fwd_tile(
     acc,
     m_i,
     l_i,
+    seen_bad,
     q,
     k_base,
     v_base,
     start_n,
     rows,
+    row_ok,
     offs_n,
     offs_d,
     nk,
@@ -172,7 +176,9 @@ def _fwd_tile(
     HAS_MODALITY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One step of the online softmax over the key tile at ``start_n``."""
+    """One step of the online softmax over the key tile at ``start_n``. Hidden keys get a score of -inf whatever K
+    holds, and hidden pairs never multiply their V (``seen_bad``: a masked tile held a non-finite V value that some
+    query sees, to be added after the loop)."""
     cols = start_n + offs_n
     k = _load_rows(k_base, cols, offs_d, nk, HEAD_DIM, BLOCK_D, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -185,8 +191,42 @@ def _fwd_tile(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_base, cols, offs_d, nk, HEAD_DIM, BLOCK_D, MASKED)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    acc = acc * alpha[:, None]
+    if MASKED:
+        acc, bad = _masked_pv(acc, p, v, visible, row_ok, DOT_PRECISION)
+        seen_bad = tl.maximum(seen_bad, bad)
+    else:
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i, seen_bad
+
+
+@triton.jit
+def _masked_pv(acc, p, v, visible, row_ok, DOT_PRECISION: tl.constexpr):
+    """``(acc + P·V, flag)`` where a hidden (query, key) pair never multiplies its value: 0 · NaN would be NaN.
+
+    The product runs on the finite part of V; the flag says whether some query of the tile sees a non-finite value
+    (a real NaN or Inf), which :func:`_add_nonfinite_values` then adds after the main loop. Keeping that rare work
+    out of the loop keeps the loop's registers those of a plain tile.
+    """
+    finite = (v == v) & (tl.abs(v) != float("inf"))
+    acc += tl.dot(p.to(v.dtype), tl.where(finite, v, 0.0), input_precision=DOT_PRECISION)
+    bad_keys = tl.max((~finite).to(tl.int32), 1) > 0  # [BLOCK_N]
+    return acc, tl.max((bad_keys & _seen_by_some_row(visible, row_ok)).to(tl.int32))
+
+
+@triton.jit
+def _add_nonfinite_values(acc, v, sees):
+    """Adds, key by key, each non-finite value of ``v`` [N, D] to the queries that see its key (``sees`` [M, N]):
+    acc + NaN is NaN, acc + inf is inf, and +inf from one key with -inf from another make NaN, as the dense
+    product would."""
+    finite = (v == v) & (tl.abs(v) != float("inf"))
+    offs_n = tl.arange(0, v.shape[0])
+    for n in range(0, v.shape[0]):
+        pick = offs_n == n
+        value = tl.sum(tl.where(pick[:, None] & ~finite, v.to(tl.float32), 0.0), 0)  # [D]: key n's non-finite
+        sees_key = tl.max(tl.where(pick[None, :], sees.to(tl.int32), 0), 1) > 0  # [M]
+        acc += tl.where(sees_key[:, None] & (value != 0.0)[None, :], value[None, :], 0.0)
+    return acc
 
 
 @triton.jit
@@ -238,6 +278,7 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    seen_bad = 0
     DATA_MASK: tl.constexpr = HAS_PADDING or HAS_MODALITY
     if DATA_MASK:  # padding / modality ids: visibility per tile from the ids, skip tiles nobody sees
         for start_n in range(0, end, BLOCK_N):
@@ -245,24 +286,35 @@ def _attention_fwd_kernel(
             key_ok, key_modality = _key_tile_info(KeyPad, Modality, batch, cols, nk, HAS_PADDING, HAS_MODALITY)
             visible = _visible(rows, cols, shift, prefix, key_ok, key_modality, row_bits, True, CAUSAL, HAS_MODALITY)
             if tl.max(visible.to(tl.int32)) > 0:
-                acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, k_base, v_base, start_n, rows, offs_n, offs_d, nk, shift, prefix,
+                acc, m_i, l_i, seen_bad = _fwd_tile(
+                    acc, m_i, l_i, seen_bad, q, k_base, v_base, start_n, rows, row_ok, offs_n, offs_d, nk, shift, prefix,
                     scale_log2, key_ok, key_modality, row_bits,
                     HEAD_DIM, BLOCK_D, True, True, CAUSAL, HAS_MODALITY, DOT_PRECISION,
                 )  # fmt: skip
     else:  # tiles fully visible under the structure (no mask arithmetic), then the partially visible band
         for start_n in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, k_base, v_base, start_n, rows, offs_n, offs_d, nk, shift, prefix,
+            acc, m_i, l_i, seen_bad = _fwd_tile(
+                acc, m_i, l_i, seen_bad, q, k_base, v_base, start_n, rows, row_ok, offs_n, offs_d, nk, shift, prefix,
                 scale_log2, offs_n < BLOCK_N, offs_n, row_bits,
                 HEAD_DIM, BLOCK_D, False, False, CAUSAL, False, DOT_PRECISION,
             )  # fmt: skip
         for start_n in range(full_end, end, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, k_base, v_base, start_n, rows, offs_n, offs_d, nk, shift, prefix,
+            acc, m_i, l_i, seen_bad = _fwd_tile(
+                acc, m_i, l_i, seen_bad, q, k_base, v_base, start_n, rows, row_ok, offs_n, offs_d, nk, shift, prefix,
                 scale_log2, start_n + offs_n < nk, offs_n, row_bits,
                 HEAD_DIM, BLOCK_D, True, True, CAUSAL, False, DOT_PRECISION,
             )  # fmt: skip
+
+    if seen_bad > 0:  # rare: a masked tile held a NaN or Inf in V that some query sees; add it to exactly those
+        for start_n in range(0 if DATA_MASK else full_end, end, BLOCK_N):
+            cols = start_n + offs_n
+            if DATA_MASK:
+                key_ok, key_modality = _key_tile_info(KeyPad, Modality, batch, cols, nk, HAS_PADDING, HAS_MODALITY)
+            else:
+                key_ok, key_modality = cols < nk, offs_n
+            visible = _visible(rows, cols, shift, prefix, key_ok, key_modality, row_bits, True, CAUSAL, HAS_MODALITY)
+            v = _load_rows(v_base, cols, offs_d, nk, HEAD_DIM, BLOCK_D, True)
+            acc = _add_nonfinite_values(acc, v, visible & row_ok[:, None])
 
     nothing_visible = l_i == 0.0
     l_i = tl.where(nothing_visible, 1.0, l_i)
@@ -336,6 +388,8 @@ def _bwd_dkdv_tile(
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if MASKED:  # a hidden pair's dP may be NaN (a NaN in a key's V): its dS is 0 all the same
+        ds = tl.where(visible, ds, 0.0)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -471,6 +525,9 @@ def _bwd_dq_tile(
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if MASKED:  # hidden pairs give 0, and keys no query of the tile sees never enter the product
+        ds = tl.where(visible, ds, 0.0)
+        k = tl.where(_seen_by_some_row(visible, lse2 < float("inf"))[:, None], k, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -557,17 +614,15 @@ def _attention_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launchers (the contract of mome/ops/_reference_backend.py) and launch configurations.
+# Launchers (the attention family's contract, AttentionBackend) and launch configurations.
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return padded_dim(head_dim)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: three TF32 passes (about fp32 accuracy on tensor cores; plain TF32 misses the fp32 tolerance).
-    fp16/bf16 ignore it."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return dot_precision(dtype, fp32_accurate=True)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (16-bit inputs?, padded head dim), one table per kernel. Picked
@@ -610,29 +665,15 @@ def _config(table: dict, dtype: torch.dtype, head_dim: int) -> tuple[int, int, i
     return table[(dtype != torch.float32, _block_d(head_dim))]
 
 
-def unsupported_reason(op: str, **inputs) -> str | None:
-    """Why this backend declines the inputs, or None."""
-    q = inputs["q"]
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"triton attention runs fp16, bf16 and fp32 (got {q.dtype}); fp64 runs on the reference backend"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"triton attention supports head_dim <= {MAX_HEAD_DIM} (got {q.shape[-1]})"
-    if q.shape[0] * q.shape[1] > 65535:
-        return f"triton attention launches a grid row per (batch, head): B*H must be <= 65535 (got {q.shape[:2]})"
-    modality_mask = inputs.get("modality_mask")
-    if modality_mask is not None and modality_mask.shape[0] > MAX_MODALITIES:
-        return f"triton attention supports at most {MAX_MODALITIES} modalities (got {modality_mask.shape[0]})"
-    return None
-
-
 @functools.cache
 def _placeholders(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """1-element uint8 / int64 / int32 tensors passed for absent masks (never read: their flags are off)."""
     return tuple(torch.zeros(1, dtype=dtype, device=device) for dtype in (torch.uint8, torch.int64, torch.int32))
 
 
-def _mask_arguments(q: Tensor, key_padding_mask, prefix_len, modality, modality_mask) -> dict:
+def _mask_arguments(q: Tensor, masks) -> dict:
     """Kernel pointer arguments and flags for the masks; an absent mask passes a placeholder."""
+    _causal, key_padding_mask, prefix_len, modality, modality_mask = masks
     placeholder_u8, placeholder_i64, allowed_bits = _placeholders(q.device)
     if modality_mask is not None:  # row i: bit j set when queries of modality i see keys of modality j
         num_modalities = modality_mask.shape[0]
@@ -655,26 +696,28 @@ def _mask_arguments(q: Tensor, key_padding_mask, prefix_len, modality, modality_
     )
 
 
-def attention_fwd(q, k, v, *, causal, key_padding_mask, prefix_len, modality, modality_mask, scale):
+def attention_fwd(q, k, v, masks, scale):
+    """Launcher of the attention contract (AttentionBackend): ``(out, lse)``."""
     batch, heads, nq, head_dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or nk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    masks = _mask_arguments(q, key_padding_mask, prefix_len, modality, modality_mask)
+    mask_args = _mask_arguments(q, masks)
     block_m, block_n, num_warps, num_stages = _config(_FWD_CONFIGS, q.dtype, head_dim)
     grid = (triton.cdiv(nq, block_m), batch * heads)
     _attention_fwd_kernel[grid](
-        out, lse, q, k, v, *masks["pointers"],
+        out, lse, q, k, v, *mask_args["pointers"],
         heads, heads // kv_heads, nq, nk, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
-        **masks["flags"], DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(masks.causal),
+        **mask_args["flags"], DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, *, causal, key_padding_mask, prefix_len, modality, modality_mask, scale):
+def attention_bwd(dout, q, k, v, out, lse, masks, scale):
+    """Launcher of the attention contract: ``(dq, dk, dv)``."""
     batch, heads, nq, head_dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -687,9 +730,9 @@ def attention_bwd(dout, q, k, v, out, lse, *, causal, key_padding_mask, prefix_l
     _attention_bwd_delta_kernel[(triton.cdiv(rows_total, _DELTA_BLOCK_M),)](
         delta, out, dout, rows_total, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M
     )
-    masks = _mask_arguments(q, key_padding_mask, prefix_len, modality, modality_mask)
-    arguments = (*masks["pointers"], heads, heads // kv_heads, nq, nk, scale, scale * LOG2E)
-    flags = dict(CAUSAL=bool(causal), **masks["flags"], DOT_PRECISION=_dot_precision(q.dtype))
+    mask_args = _mask_arguments(q, masks)
+    arguments = (*mask_args["pointers"], heads, heads // kv_heads, nq, nk, scale, scale * LOG2E)
+    flags = dict(CAUSAL=bool(masks.causal), **mask_args["flags"], DOT_PRECISION=_dot_precision(q.dtype))
     block_m, block_n, num_warps, num_stages = _config(_DKDV_CONFIGS, q.dtype, head_dim)
     _attention_bwd_dkdv_kernel[(triton.cdiv(nk, block_n), batch * kv_heads)](
         dk, dv, q, k, v, dout, lse, delta, *arguments,
@@ -710,7 +753,6 @@ def attention_bwd(dout, q, k, v, out, lse, *, causal, key_padding_mask, prefix_l
 # 80 (-> 128), and each mask path (no mask, causal structure only, every mask at once) for some dtype. The
 # configurations depend only on 16-bit vs fp32 and the padded head dim, so fp16 and bf16 share them.
 
-_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _MASK_POINTERS = {"KeyPad": "*u8", "PrefixLen": "*i64", "Modality": "*i64", "AllowedBits": "*i32"}
 _MASK_VARIANTS = {
     "plain": dict(CAUSAL=False, HAS_PADDING=False, HAS_PREFIX=False, HAS_MODALITY=False),
@@ -722,9 +764,9 @@ _CONSTEXPR_NAMES = ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_
 
 
 def _attention_specs(dtype: torch.dtype, head_dim: int, variant: str) -> list[AotSpec]:
-    t = "*" + _TRITON_TYPE[dtype]
+    t = pointer_type(dtype)
     flags = _MASK_VARIANTS[variant]
-    tag = f"{_TRITON_TYPE[dtype]}_d{head_dim}_{variant}"
+    tag = f"{TRITON_TYPE[dtype]}_d{head_dim}_{variant}"
     specs = []
     for kind, kernel, table, tensors, scalars in (
         ("fwd", _attention_fwd_kernel, _FWD_CONFIGS, dict(Out=t, Lse="*fp32", Q=t, K=t, V=t), ("scale_log2",)),
@@ -746,11 +788,11 @@ def _attention_specs(dtype: torch.dtype, head_dim: int, variant: str) -> list[Ao
 
 
 def _delta_spec(dtype: torch.dtype, head_dim: int) -> AotSpec:
-    t = "*" + _TRITON_TYPE[dtype]
+    t = pointer_type(dtype)
     signature = dict(Delta="*fp32", Out=t, DOut=t, rows_total="i32", HEAD_DIM="constexpr", BLOCK_D="constexpr",
                      BLOCK_M="constexpr")  # fmt: skip
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=_DELTA_BLOCK_M)
-    return AotSpec(f"attention_bwd_delta_{_TRITON_TYPE[dtype]}_d{head_dim}", _attention_bwd_delta_kernel, signature,
+    return AotSpec(f"attention_bwd_delta_{TRITON_TYPE[dtype]}_d{head_dim}", _attention_bwd_delta_kernel, signature,
                    constexprs)  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Triton backend of ``mome.ops.decode_attention``: split-K flash-decoding over a KV cache.
+"""Triton backend of the decode op family (``decode_attention``): split-K flash-decoding over a KV cache.
 
 Decoding one token is memory-bound: the kernel exists to read each valid K/V cache entry once. The
 cache of every (batch, key/value head) is cut into ``num_splits`` chunks of whole ``BLOCK_N`` tiles,
@@ -18,13 +18,22 @@ import math
 import torch
 import triton
 import triton.language as tl
+from mome.kernels._common import TRITON_TYPE, dot_precision, padded_dim, pointer_type, widen_bf16_in_interpreter
 from mome.kernels.aot import AotSpec
-from mome.kernels.attention import widen_bf16_in_interpreter
 
 LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 128
 MAX_GROUP = 64  # query heads per key/value head
 MAX_SPLITS = 64
+MAX_GRID_ROWS = 65535  # the grid's second dimension: one row per (batch, cache head)
+
+# What this backend runs: the op reads it before any launch (the backend contract).
+LIMITS = {
+    "dtypes": (torch.float16, torch.bfloat16, torch.float32),
+    "head_dim": (1, MAX_HEAD_DIM),
+    "group": (1, MAX_GROUP),
+    "batch_kv_heads": (0, MAX_GRID_ROWS),  # empty inputs return at once
+}
 
 
 @triton.jit
@@ -126,11 +135,11 @@ def _decode_attention_combine_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launcher (the contract of mome/ops/_reference_backend.py).
+# Launcher (the decode family's contract, DecodeBackend).
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return padded_dim(head_dim)
 
 
 def _group_pad(group: int) -> int:
@@ -138,8 +147,7 @@ def _group_pad(group: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 caches: three TF32 passes (about fp32 accuracy on tensor cores); fp16/bf16 ignore it."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return dot_precision(dtype, fp32_accurate=True)
 
 
 def _launch_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
@@ -164,21 +172,8 @@ def _num_splits(batch: int, kv_heads: int, nmax: int, block_n: int, device: torc
     return triton.cdiv(max(nmax, 1), chunk), chunk
 
 
-def unsupported_reason(op: str, **inputs) -> str | None:
-    """Why this backend declines the inputs, or None."""
-    q, k_cache = inputs["q"], inputs["k_cache"]
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"triton decode_attention runs fp16, bf16 and fp32 (got {q.dtype}); fp64 runs on the reference backend"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"triton decode_attention supports head_dim <= {MAX_HEAD_DIM} (got {q.shape[-1]})"
-    if k_cache.shape[1] > 0 and q.shape[1] // k_cache.shape[1] > MAX_GROUP:
-        return f"triton decode_attention supports at most {MAX_GROUP} query heads per cache head"
-    if q.shape[0] * k_cache.shape[1] > 65535:
-        return f"triton decode_attention needs batch * kv_heads <= 65535 (got {q.shape[0] * k_cache.shape[1]})"
-    return None
-
-
-def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, *, scale):
+def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
+    """Launcher of the decode contract (DecodeBackend)."""
     batch, heads, head_dim = q.shape
     kv_heads, nmax = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
@@ -205,12 +200,9 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, *, scale):
 # ---------------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs: each dtype, head dims 64 and 128, with and without grouped-query heads.
 
-_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def _decode_specs(dtype: torch.dtype, head_dim: int, group: int) -> list[AotSpec]:
-    t = "*" + _TRITON_TYPE[dtype]
-    tag = f"{_TRITON_TYPE[dtype]}_d{head_dim}_g{group}"
+    t = pointer_type(dtype)
+    tag = f"{TRITON_TYPE[dtype]}_d{head_dim}_g{group}"
     split_signature = dict(
         PartOut="*fp32", PartLse="*fp32", Q=t, KCache=t, VCache=t, CacheSeqlens="*i32",
         heads="i32", kv_heads="i32", nmax="i32", chunk="i32", num_splits="i32", scale_log2="fp32",

@@ -14,15 +14,14 @@ import argparse
 import datetime
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from mome import perf
+from mome import perf, settings
 
-MODULES = ("bench_attention", "bench_decode", "bench_modality_ffn", "bench_itc", "bench_layer")
+MODULES = ("bench_attention", "bench_decode", "bench_modality", "bench_itc", "bench_layer")
 NO_GPU_NOTE = (
     "No CUDA GPU here: running the reference and eager providers at tiny shapes. These CPU timings only show "
     "that the benchmarks run; kernel figures (mome-triton, mome-cuda) need a GPU."
@@ -68,15 +67,9 @@ def _listing(found: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    previous = os.environ.get("MOME_CHECK_IDS")
-    os.environ.setdefault("MOME_CHECK_IDS", "0")  # no host sync for the id range check while timing
-    try:
+    # no host sync for the id range check while timing, unless MOME_CHECK_IDS asks for it; scoped to this call
+    with settings.override(check_ids=settings.check_ids(when_unset=False)):
         return _run(args)
-    finally:  # the caller's setting comes back (main also runs inside other programs and tests)
-        if previous is None:
-            del os.environ["MOME_CHECK_IDS"]
-        else:
-            os.environ["MOME_CHECK_IDS"] = previous
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -114,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     rows = []
     for case in selected:
         row = harness.run_case(case, device, ceilings=ceilings, budget_ms=args.budget_ms)
-        row.update(environment, check_ids=os.environ["MOME_CHECK_IDS"])
+        row.update(environment, check_ids="1" if settings.check_ids() else "0")
         if ceilings is not None:
             row.update(copy_gbps=ceilings.copy_gbps, matmul_tflops=ceilings.matmul_tflops)
         rows.append(row)

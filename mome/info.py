@@ -8,7 +8,7 @@ import platform
 import torch
 
 import mome
-from mome.ops._dispatch import triton_interpreting
+from mome.settings import triton_interpreting
 
 # Modules by path: ``mome.ops.attention`` as an attribute is the function, not its module.
 OP_BACKENDS = tuple(
@@ -17,7 +17,9 @@ OP_BACKENDS = tuple(
         ("attention", "BACKENDS"),
         ("decode", "BACKENDS"),
         ("modality", "LINEAR_BACKENDS"),
+        ("modality", "FFN_BACKENDS"),
         ("modality", "LAYER_NORM_BACKENDS"),
+        ("modality", "ROUTING_BACKENDS"),
         ("itc", "BACKENDS"),
     )
 )

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from mome import settings
+
 MODES = ("fwd", "bwd", "fwd+bwd")
 BACKWARD_FACTOR = {"attention": 2.5, "gemm": 2.0}
 
@@ -337,8 +339,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def _commit() -> str:
-    if os.environ.get("MOME_COMMIT"):
-        return os.environ["MOME_COMMIT"]
+    if settings.commit():
+        return settings.commit()
     root = Path(__file__).resolve().parent.parent
     try:
         result = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,

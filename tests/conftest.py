@@ -22,6 +22,18 @@ def poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
 
 
+@pytest.fixture
+def cuda_extension():
+    """Skips, saying why, unless a GPU is here and mome._C runs on it (the CUDA backend's own tests)."""
+    import mome.cuda
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    why = mome.cuda.device_reason(torch.device("cuda"))
+    if why is not None:
+        pytest.skip(f"mome._C cannot run here: {why}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
 from torch import Tensor
 
@@ -34,3 +37,33 @@ def assert_close(actual: Tensor, expected: Tensor, tol: float, name: str = "outp
 def poison(t: Tensor) -> Tensor:
     """Fill with NaN (ints: a sentinel) so an element a kernel forgets to write fails the comparison."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
+
+
+CPU = torch.device("cpu")
+
+
+def usable_backends(op_backends, device: torch.device = CPU) -> list[str]:
+    """The backends of an op (``mome.ops.<family>.BACKENDS`` etc.) that load and run on ``device`` here: the
+    reference always, Triton under the interpreter, CUDA on a GPU with the extension built. Cross-backend tests
+    parametrize over this, so a new backend is tested the day it appears."""
+    return [backend for backend, why in op_backends.report(device).items() if why is None]
+
+
+def declared_dtypes(op_backends, backend: str, device: torch.device = CPU) -> tuple[torch.dtype, ...]:
+    """The dtypes ``backend`` declares for ``device`` in its LIMITS."""
+    return op_backends.limits(backend).dtypes_on(device.type)
+
+
+def declared_range(op_backends, backend: str, size: str) -> tuple[int, int | None] | None:
+    """The inclusive range ``backend`` declares for a named size, or None when it leaves it unbounded."""
+    return op_backends.limits(backend).ranges.get(size)
+
+
+def triton_module_or_none(module: str):
+    """``importlib.import_module(module)``, or None where triton (or the module) cannot be imported."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None

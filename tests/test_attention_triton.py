@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from mome.ops import BackendUnavailableError, attention
-from mome.ops._reference_backend import attention_fwd as reference_fwd
+from mome.ops.attention import AttentionMasks
+from mome.reference.attention import attention_fwd as reference_fwd
 from mome.reference import attention_ref
 from tests.helpers import TOLERANCE, assert_close
 
@@ -142,9 +143,9 @@ def test_rows_that_see_nothing_get_zeros_and_zero_gradient(dtype):
 @pytest.mark.parametrize("causal", [False, True])
 def test_log_sum_exp_is_natural_log_and_minus_inf_when_nothing_is_visible(causal):
     (q, k, v), masks = make_case(2, 2, 1, 40, 20, 64, torch.float32, causal=causal, padding="ragged")
-    kwargs = dict(prefix_len=None, modality=None, modality_mask=None, scale=0.3, **masks)
-    _, lse = triton_attention.attention_fwd(q, k, v, **kwargs)
-    _, expected = reference_fwd(q.double(), k.double(), v.double(), **kwargs)
+    bundle = AttentionMasks(**masks)
+    _, lse = triton_attention.attention_fwd(q, k, v, bundle, 0.3)
+    _, expected = reference_fwd(q.double(), k.double(), v.double(), bundle, 0.3)
     hidden = torch.isneginf(expected)
     assert hidden.any() and torch.equal(torch.isneginf(lse), hidden.to(lse.device))
     assert_close(lse[~hidden], expected[~hidden], 1e-5, "lse")
@@ -159,10 +160,10 @@ def test_scale_and_empty_key_sequence():
 
 def test_declines_what_it_cannot_run_with_a_reason():
     (q, k, v), _ = make_case(1, 1, 1, 4, 4, 16, torch.float64)
-    with pytest.raises(BackendUnavailableError, match="fp64 runs on the reference backend"):
+    with pytest.raises(BackendUnavailableError, match="got float64; the reference backend can"):
         attention(q, k, v, backend="triton")
     (q, k, v), _ = make_case(1, 1, 1, 4, 4, 160, torch.float32)
-    with pytest.raises(BackendUnavailableError, match="head_dim <= 128"):
+    with pytest.raises(BackendUnavailableError, match=r"head_dim \(D, the last dim of q\) in \[1, 128\], got 160"):
         attention(q, k, v, backend="triton")
 
 

@@ -15,7 +15,7 @@ import torch
 
 import mome.cuda
 import mome.cuda.decode as cuda_decode
-import mome.cuda.routing as cuda_routing
+import mome.cuda.modality as cuda_routing
 from mome.ops import BackendUnavailableError, decode_attention
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,12 +240,12 @@ def test_backends_decline_and_warn_once_when_not_built(extension_as):
     inputs = _decode_inputs()
     inputs["cache_seqlens"] = inputs["cache_seqlens"].int()
     with pytest.warns(RuntimeWarning, match="falling back: mome._C is not built"):
-        why = cuda_decode.unsupported_reason("decode_attention", **inputs)
+        why = cuda_decode.available(inputs["q"].device)
     assert "mome._C is not built" in why
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second decline of the same reason stays quiet
-        assert cuda_decode.unsupported_reason("decode_attention", **inputs) == why
-        assert cuda_routing.unsupported_reason("modality_routing", modality=torch.zeros(5).long(), num_experts=3) == why
+        assert cuda_decode.available(inputs["q"].device) == why
+        assert cuda_routing.available(torch.zeros(5).long().device) == why
 
 
 def test_forced_cuda_backend_on_cpu_names_the_reason():
@@ -261,7 +261,8 @@ def test_custom_ops_trace_with_fake_tensors():
     meta["cache_seqlens"] = meta["cache_seqlens"].int()
     out = torch.ops.mome.cuda_decode_attention(*meta.values(), 0.125)
     assert out.shape == meta["q"].shape and out.dtype == torch.float16
-    perm, inv_perm, offsets = torch.ops.mome.cuda_modality_routing(torch.empty(11, dtype=torch.int64, device="meta"), 3)
+    ids = torch.empty(11, dtype=torch.int64, device="meta")
+    perm, inv_perm, offsets = torch.ops.mome.modality_routing(ids, 3, "cuda")
     assert [t.shape for t in (perm, inv_perm, offsets)] == [(11,), (11,), (4,)]
     assert {t.dtype for t in (perm, inv_perm, offsets)} == {torch.int32}
 
@@ -287,15 +288,13 @@ def test_decode_input_problems_lengths():
 
 
 def test_backend_choice_traces_under_torch_compile(extension_as):
-    """The dispatcher asks unsupported_reason while torch.compile traces: it must not break the graph."""
+    """The dispatcher asks the backend's availability while torch.compile traces: it must not break the graph."""
     extension_as(ModuleNotFoundError("No module named 'mome._C'"))
     inputs = _decode_inputs()
     inputs["cache_seqlens"] = inputs["cache_seqlens"].int()
 
     def declined(q, k_cache, v_cache, cache_seqlens):
-        why = cuda_decode.unsupported_reason(
-            "decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens
-        )
+        why = cuda_decode.available(q.device)
         return q + (0.0 if why is None else 1.0)
 
     with pytest.warns(RuntimeWarning, match="mome._C is not built"):

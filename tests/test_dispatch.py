@@ -1,33 +1,89 @@
-"""Backend choice: auto, forced, the MOME_BACKEND override, and what `python -m mome info` reports."""
+"""Backend choice: the contract check, declared limits, auto and forced choice, MOME_BACKEND, `mome info`."""
 
 import subprocess
 import sys
+import types
+from typing import Protocol
 
 import pytest
 import torch
 
+from mome import settings
 from mome.ops import BackendUnavailableError, attention
-from mome.ops._dispatch import OpBackends
-
-FAKE = OpBackends("fake_op", {"reference": "mome.ops._reference_backend", "triton": "mome.kernels.no_such_module"})
+from mome.ops._backend import BackendContractError, Family, OpBackends, check_contract
 
 
-def test_auto_on_cpu_tensors_is_the_reference():
-    assert FAKE.choose("auto", torch.device("cpu"), {})[0] == "reference"
+class _FakeBackend(Protocol):
+    def fake_fwd(self, x, scale): ...
 
 
-def test_forced_backend_with_a_missing_module_names_the_module(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(BackendUnavailableError, match="mome.kernels.no_such_module cannot be imported"):
-        FAKE.choose("triton", torch.device("cpu"), {})
+FAKE_FAMILY = Family("fake", _FakeBackend, sizes={"width": "the last dim of x"})
 
 
-def test_auto_on_gpu_tensors_walks_the_priority_list_and_reports_every_reason():
-    only_triton = OpBackends("fake_op", {"triton": "mome.kernels.no_such_module"})
-    with pytest.raises(BackendUnavailableError) as raised:
-        only_triton.choose("auto", torch.device("cuda"), {})
+def _measure(inputs):
+    x = inputs["x"]
+    return x.dtype, x.device, {"width": x.shape[-1]}
+
+
+def _module(name, **attributes):
+    module = types.ModuleType(name)
+    vars(module).update(attributes)
+    return module
+
+
+def _fake_backends(monkeypatch, **modules):
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return OpBackends("fake_op", FAKE_FAMILY, {"reference": "fake_reference", "triton": "fake_triton"}, _measure)
+
+
+GOOD = dict(fake_fwd=lambda x, scale: x * scale, LIMITS={"dtypes": (torch.float32,), "width": (1, 8)})
+
+
+def test_auto_on_cpu_tensors_is_the_reference(monkeypatch):
+    backends = _fake_backends(monkeypatch, fake_reference=_module("fake_reference", **GOOD))
+    assert backends.choose("auto", {"x": torch.ones(3)})[0] == "reference"
+
+
+def test_a_module_that_breaks_the_contract_is_named_with_what_is_wrong(monkeypatch):
+    broken = _module("fake_reference", fake_fwd=lambda x, factor: x, LIMITS={"dtypes": (), "depth": (1, 2)})
+    with pytest.raises(BackendContractError) as raised:
+        check_contract(broken, FAKE_FAMILY)
     message = str(raised.value)
-    assert "cuda: mome has no cuda implementation" in message and "no_such_module" in message
+    assert "fake_fwd takes (x, factor) where the contract says (x, scale)" in message
+    assert "LIMITS names ['depth']" in message
+    with pytest.raises(BackendContractError, match="no launcher fake_fwd"):
+        check_contract(_module("empty", LIMITS={"dtypes": ()}), FAKE_FAMILY)
+    with pytest.raises(BackendContractError, match="no LIMITS dict"):
+        check_contract(_module("no_limits", fake_fwd=GOOD["fake_fwd"]), FAKE_FAMILY)
+
+
+def test_declared_limits_decline_before_the_launch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_like = _module("fake_triton", **GOOD)
+    backends = _fake_backends(monkeypatch, fake_reference=_module("fake_reference", **GOOD), fake_triton=triton_like)
+    assert backends.reason("triton", {"x": torch.ones(8)}) is None
+    assert backends.reason("triton", {"x": torch.ones(9)}) == "it supports width (the last dim of x) in [1, 8], got 9"
+    assert "runs dtypes (float32) on cpu tensors, got float64" in backends.reason(
+        "triton", {"x": torch.ones(2).double()}
+    )
+    with pytest.raises(BackendUnavailableError, match="fake_op: backend 'triton' cannot run these inputs: it supports"):
+        backends.choose("triton", {"x": torch.ones(0)})
+
+
+def test_auto_on_gpu_tensors_walks_the_priority_list_and_reports_every_reason(monkeypatch):
+    only_triton = OpBackends("fake_op", FAKE_FAMILY, {"triton": "mome.kernels.no_such_module"}, _measure)
+    with pytest.raises(BackendUnavailableError) as raised:
+        only_triton.choose("auto", {"x": _CudaLike()})
+    message = str(raised.value)
+    assert "cuda: mome has no cuda implementation" in message and "no_such_module cannot be imported" in message
+    assert "reference: mome has no reference implementation" in message
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor where only dtype, device and shape are read."""
+
+    dtype, device, shape = torch.float32, torch.device("cuda"), (4,)
 
 
 def test_mome_backend_overrides_auto(monkeypatch):
@@ -37,14 +93,30 @@ def test_mome_backend_overrides_auto(monkeypatch):
         attention(q, q, q)
     monkeypatch.setenv("MOME_BACKEND", "reference")
     assert attention(q, q, q).shape == q.shape
+    monkeypatch.setenv("MOME_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="MOME_BACKEND must be one of"):
+        attention(q, q, q)
 
 
-def test_unsupported_reason_of_a_backend_module_is_reported(monkeypatch):
-    import mome.ops._reference_backend as reference
+def test_settings_override_is_scoped_and_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("MOME_CHECK_IDS", raising=False)
+    assert settings.check_ids() and not settings.check_ids(when_unset=False)
+    with settings.override(check_ids=False, backend="reference"):
+        assert not settings.check_ids() and settings.backend() == "reference"
+        assert "MOME_CHECK_IDS" not in __import__("os").environ
+    assert settings.check_ids() and settings.backend() == "auto"
+    with pytest.raises(TypeError, match="override takes"):
+        with settings.override(colour="red"):
+            pass
 
-    monkeypatch.setattr(reference, "unsupported_reason", lambda op, **inputs: f"{op} declines", raising=False)
-    with pytest.raises(BackendUnavailableError, match="fake_op declines"):
-        FAKE.choose("reference", torch.device("cpu"), {})
+
+def test_every_backend_module_of_mome_follows_its_contract():
+    from mome.info import OP_BACKENDS
+
+    for op in OP_BACKENDS:
+        for backend in op.modules:
+            loaded = op.loaded(backend)
+            assert not isinstance(loaded, str) or "cannot be imported" in loaded, (op.op, backend, loaded)
 
 
 def test_info_command_lists_every_op_and_backend():

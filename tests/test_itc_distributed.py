@@ -40,8 +40,10 @@ class TwoTower(nn.Module):
         text_feats = F.normalize(self.text_proj(texts), dim=-1)
         momentum = {}
         if self.albef:
-            momentum = dict(image_feats_m=F.normalize(images @ self.image_proj_m, dim=-1),
-                            text_feats_m=F.normalize(texts @ self.text_proj_m, dim=-1))  # fmt: skip
+            momentum = dict(
+                image_feats_m=F.normalize(images @ self.image_proj_m, dim=-1),
+                text_feats_m=F.normalize(texts @ self.text_proj_m, dim=-1),
+            )
         return image_feats, text_feats, momentum
 
     def forward(self, images, texts, positive_ids, generator=None):
@@ -61,14 +63,20 @@ def gradients(model):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _recording_local_op(calls):
-    """Wraps itc_loss_local to record what each rank's op was given: its rows, the columns and the row offset."""
-    original = mome.ops.itc.itc_loss_local
+def _recording_rows_op(calls):
+    """Wraps itc_loss_rows to record what each rank's op was given: its rows, the columns and the row offset."""
+    original = mome.ops.itc.itc_loss_rows
 
     def record(image_rows, text_rows, image_columns, text_columns, scale, **kwargs):
         result = original(image_rows, text_rows, image_columns, text_columns, scale, **kwargs)
-        calls.append(dict(rows=image_rows.shape[0], columns=image_columns.shape[0], offset=kwargs["row_offset"],
-                          lse=tuple(result.lse_i2t.shape)))  # fmt: skip
+        calls.append(
+            dict(
+                rows=image_rows.shape[0],
+                columns=image_columns.shape[0],
+                offset=kwargs["row_offset"],
+                lse=tuple(result.lse_i2t.shape),
+            )
+        )
         return result
 
     return record
@@ -76,11 +84,12 @@ def _recording_local_op(calls):
 
 def _worker(rank, store_path, backend, result_dir):
     # a file rendezvous: no port to race other processes for; the timeout turns a hang into an error
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         calls = []
-        mome.ops.itc.itc_loss_local = _recording_local_op(calls)
+        mome.ops.itc.itc_loss_rows = _recording_rows_op(calls)
         images, texts, ids = global_batch()
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         results = {}
@@ -92,9 +101,12 @@ def _worker(rank, store_path, backend, result_dir):
             out.loss.backward()
             queue = model.module.loss.queue
             results[mode, mining] = dict(
-                loss=out.loss.detach(), neg_text=out.neg_text_idx, neg_image=out.neg_image_idx,
-                grads=gradients(model.module), queue=None if queue is None else queue.image_queue.clone(),
-            )  # fmt: skip
+                loss=out.loss.detach(),
+                neg_text=out.neg_text_idx,
+                neg_image=out.neg_image_idx,
+                grads=gradients(model.module),
+                queue=None if queue is None else queue.image_queue.clone(),
+            )
         torch.save({"results": results, "calls": calls}, f"{result_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -138,34 +150,40 @@ def test_hard_negatives_equal_one_process_and_cross_ranks(two_ranks, mode, minin
     neg_text = torch.cat([r["neg_text"] for r in results])
     neg_image = torch.cat([r["neg_image"] for r in results])
     model, out = single_process(backend, mode, mining)
-    if mining == "hardest" or backend == "triton":
-        # hardest: the arg-max; triton: Gumbel noise keyed by the seed (drawn alike) and the global row
-        expected = out.neg_text_idx, out.neg_image_idx
-    else:  # the reference's single-process itc_loss draws with one generator; the local spec draws per global row
-        expected = whole_batch_local_picks(model, backend, mining)
+    # hardest: the arg-max; sample: every backend keys each row's draw by the seed (drawn alike) and the global row
+    assert torch.equal(neg_text, out.neg_text_idx) and torch.equal(neg_image, out.neg_image_idx)
+    expected = whole_batch_rows_picks(model, backend, mining)  # the rows op on the whole batch: one rank of one
     assert torch.equal(neg_text, expected[0]) and torch.equal(neg_image, expected[1])
     # some of each rank's picks are the other rank's rows
     assert (results[0]["neg_text"] >= LOCAL_BATCH).any() and (results[1]["neg_text"] < LOCAL_BATCH).any()
     assert (results[0]["neg_image"] >= LOCAL_BATCH).any() and (results[1]["neg_image"] < LOCAL_BATCH).any()
 
 
-def whole_batch_local_picks(model, backend, mining):
-    """The local op on the whole batch (one rank of one), with the seed the module would draw."""
+def whole_batch_rows_picks(model, backend, mining):
+    """The rows op on the whole batch (one rank of one), with the seed the module would draw."""
     images, texts, ids = global_batch()
     with torch.no_grad():
         image_feats, text_feats, momentum = model.features(images, texts)
-    seed = int(torch.randint(2**62, (), generator=torch.Generator().manual_seed(SAMPLE_SEED)))
+    seed = int(mome.ops.itc.sample_seed(torch.Generator().manual_seed(SAMPLE_SEED)))
     image_columns, text_columns = momentum.get("image_feats_m", image_feats), momentum.get("text_feats_m", text_feats)
     queue = {}
     if model.loss.queue is not None:
         torch.manual_seed(0)  # the queue as TwoTower's construction left it, before the step refilled it
         fresh = TwoTower(backend, False, "albef", mining).loss.queue
         queue = dict(image_queue=fresh.image_queue.double(), text_queue=fresh.text_queue.double(), queue_ids=fresh.ids)
-    result = mome.ops.itc.itc_loss_local(
-        image_feats, text_feats, image_columns, text_columns, model.loss.scale.detach(), row_offset=0,
-        image_rows_m=momentum.get("image_feats_m"), text_rows_m=momentum.get("text_feats_m"), alpha=model.loss.alpha,
-        positive_ids=ids, hard_negatives=mining, seed=seed, backend=backend, **queue,
-    )  # fmt: skip
+    options = mome.ops.itc.ITCOptions(**momentum, alpha=model.loss.alpha, positive_ids=ids, **queue)
+    result = mome.ops.itc.itc_loss_rows(
+        image_feats,
+        text_feats,
+        image_columns,
+        text_columns,
+        model.loss.scale.detach(),
+        row_offset=0,
+        options=options,
+        hard_negatives=mining,
+        seed=seed,
+        backend=backend,
+    )
     return result.neg_text_idx, result.neg_image_idx
 
 
@@ -174,13 +192,15 @@ def test_each_rank_computes_only_its_rows(two_ranks):
     for rank, run in enumerate(ranks):
         assert len(run["calls"]) == len(SCENARIOS)
         for call in run["calls"]:
-            assert call == dict(rows=LOCAL_BATCH, columns=WORLD * LOCAL_BATCH, offset=rank * LOCAL_BATCH,
-                                lse=(LOCAL_BATCH,))  # fmt: skip
+            assert call == dict(
+                rows=LOCAL_BATCH, columns=WORLD * LOCAL_BATCH, offset=rank * LOCAL_BATCH, lse=(LOCAL_BATCH,)
+            )
 
 
 def _unequal_worker(rank, store_path, result_dir):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         feats = F.normalize(torch.randn(3 + rank, EMBED_DIM, dtype=torch.float64), dim=-1)
         try:
@@ -212,14 +232,25 @@ def test_queue_gives_extra_negatives_and_is_refilled():
     batch, dim, size = 5, EMBED_DIM, 12
     loss = ITCLoss(queue_size=size, embed_dim=dim, alpha=0.4, hard_negatives="hardest", backend="triton").double()
     gen = torch.Generator().manual_seed(3)
-    image, text, image_m, text_m = (F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=-1)
-                                    for _ in range(4))  # fmt: skip
+    image, text, image_m, text_m = (
+        F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=-1) for _ in range(4)
+    )
     ids = torch.tensor([0, 1, 1, 2, 3])
     queue_before = loss.queue.image_queue.clone(), loss.queue.text_queue.clone(), loss.queue.ids.clone()
     out = loss(image, text, image_feats_m=image_m, text_feats_m=text_m, positive_ids=ids)
-    expected = itc_loss(image, text, loss.scale.detach(), image_feats_m=image_m, text_feats_m=text_m,
-                        image_queue=queue_before[0].double(), text_queue=queue_before[1].double(), alpha=0.4,
-                        positive_ids=ids, queue_ids=queue_before[2], backend="reference")  # fmt: skip
+    expected = itc_loss(
+        image,
+        text,
+        loss.scale.detach(),
+        image_feats_m=image_m,
+        text_feats_m=text_m,
+        image_queue=queue_before[0].double(),
+        text_queue=queue_before[1].double(),
+        alpha=0.4,
+        positive_ids=ids,
+        queue_ids=queue_before[2],
+        backend="reference",
+    )
     assert_close(out.loss.detach(), expected.loss, 1e-10, "loss with queue")
     assert_close(loss.queue.image_queue[:batch], image_m.float(), 1e-7, "enqueued image features")
     assert torch.equal(loss.queue.ids[:batch], ids) and int(loss.queue.ptr) == batch

@@ -1,11 +1,13 @@
-"""itc_loss, Triton backend: loss, every gradient and the hard negatives against the float64 reference."""
+"""itc_loss and itc_loss_rows, Triton backend: loss, every gradient and the hard negatives against the float64
+reference; the rows form (one rank's share of a gathered batch) on slices of a batch."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mome.ops import itc_loss
-from mome.reference.itc import itc_loss_ref, positive_mask
+from mome.ops.itc import ITCOptions, itc_loss_rows
+from mome.reference.itc import itc_loss_ref, itc_loss_rows_ref, positive_mask
 from tests.helpers import TOLERANCE, assert_close
 
 GRAD_WEIGHTS = (0.7, 1.3)  # d loss_i2t, d loss_t2i: unequal, so a swapped direction fails
@@ -79,7 +81,7 @@ def test_loss_and_gradients_match_reference(name, dtype, poisoned_allocations):
     check_against_reference(make_case(**CASES[name]), dtype, TOLERANCE[dtype] if dtype != torch.float64 else 1e-10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # bf16: upcast in-kernel when interpreting
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # bf16: widened in-kernel when interpreting
 @pytest.mark.parametrize("name", ["clip_d16", "albef"])
 def test_half_features_under_interpreter(name, dtype):
     check_against_reference(make_case(**CASES[name]), dtype, TOLERANCE[dtype])
@@ -193,6 +195,121 @@ def test_sampling_is_reproducible_with_a_generator():
     assert not torch.equal(draw(7), draw(8))
 
 
+# --- the rows form: rows [start, stop) of a batch against all its columns (ITCLoss(gather=True)) ---
+
+ROWS_BATCH, ROWS_DIM, ROWS_QUEUE = 45, 24, 7
+SLICES = {"start": (0, 37), "middle": (13, 32), "end": (ROWS_BATCH - 1, ROWS_BATCH), "whole": (0, ROWS_BATCH)}
+DIFFERENTIABLE = ("image_rows", "text_rows", "image_columns", "text_columns", "scale")
+
+
+def make_batch(mode, batch=ROWS_BATCH, dim=ROWS_DIM, queue=ROWS_QUEUE, device="cpu"):
+    """The global batch in float64: online features, and in ALBEF mode momentum features, a queue and ids."""
+    gen = torch.Generator().manual_seed(0)
+
+    def unit(rows):
+        return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=-1).to(device)
+
+    case = dict(image=unit(batch), text=unit(batch), scale=11.0)
+    if mode == "albef":
+        case.update(image_m=unit(batch), text_m=unit(batch), image_queue=unit(queue), text_queue=unit(queue))
+        ids = (
+            torch.randint(0, batch // 3, (batch,), generator=gen),
+            torch.randint(0, batch // 3, (queue,), generator=gen),
+        )
+        case.update(positive_ids=ids[0].to(device), queue_ids=ids[1].to(device), alpha=0.4)
+    return case
+
+
+def rows_args(case, start, stop, dtype):
+    """itc_loss_rows arguments for rows [start, stop): online rows, and columns online (CLIP) or momentum (ALBEF)."""
+    cast = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in case.items()}
+    image, text = cast["image"], cast["text"]
+    albef = "image_m" in cast
+    scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    args = dict(
+        image_rows=image[start:stop].clone().requires_grad_(),
+        text_rows=text[start:stop].clone().requires_grad_(),
+        image_columns=cast["image_m"] if albef else image.clone().requires_grad_(),
+        text_columns=cast["text_m"] if albef else text.clone().requires_grad_(),
+        scale=torch.tensor(case["scale"], dtype=scale_dtype, device=image.device, requires_grad=True),
+        row_offset=start,
+    )
+    if albef:
+        shared = {k: cast[k] for k in ("image_queue", "text_queue", "positive_ids", "queue_ids", "alpha")}
+        momentum = dict(image_feats_m=cast["image_m"][start:stop], text_feats_m=cast["text_m"][start:stop])
+        args["options"] = ITCOptions(**momentum, **shared)
+    return args
+
+
+def spec(args, **extra):
+    """itc_loss_rows_ref on itc_loss_rows arguments."""
+    args = dict(args)
+    options = args.pop("options", ITCOptions())
+    return itc_loss_rows_ref(**args, **options._asdict(), **extra)
+
+
+def losses_and_grads(args, run):
+    out = run(args)
+    wrt = [args[name] for name in DIFFERENTIABLE if args[name].requires_grad]
+    grads = torch.autograd.grad(GRAD_WEIGHTS[0] * out.loss_i2t + GRAD_WEIGHTS[1] * out.loss_t2i, wrt)
+    return out, grads
+
+
+def check_rows_against_spec(case, start, stop, dtype, tol, mining=None):
+    rounded = {
+        k: (v.to(dtype).double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in case.items()
+    }
+    expected_args = rows_args(rounded, start, stop, torch.float64)
+    expected, expected_grads = losses_and_grads(expected_args, lambda a: spec(a, hard_negatives=mining))
+    actual, actual_grads = losses_and_grads(
+        rows_args(case, start, stop, dtype), lambda a: itc_loss_rows(**a, hard_negatives=mining, backend="triton")
+    )
+    assert_close(actual.loss_i2t, expected.loss_i2t, tol, "loss_i2t")
+    assert_close(actual.loss_t2i, expected.loss_t2i, tol, "loss_t2i")
+    names = [name for name in DIFFERENTIABLE if expected_args[name].requires_grad]
+    assert len(names) == (3 if "image_m" in case else 5)
+    for name, a, e in zip(names, actual_grads, expected_grads, strict=True):
+        assert a.dtype == (torch.float32 if name == "scale" and dtype != torch.float64 else dtype), f"d {name}"
+        assert_close(a, e, tol, f"d {name}")
+    return actual, expected, expected_args
+
+
+@pytest.mark.parametrize("where", list(SLICES))
+@pytest.mark.parametrize("mode", ["clip", "albef"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_match_the_spec(dtype, mode, where, poisoned_allocations):
+    """Rows losses, per-row lse, every gradient (rows, online columns, scale) and the hardest picks."""
+    start, stop = SLICES[where]
+    tol = TOLERANCE[dtype] if dtype != torch.float64 else 1e-10
+    actual, expected, r = check_rows_against_spec(make_batch(mode), start, stop, dtype, tol, "hardest")
+    assert actual.lse_i2t.shape == (stop - start,) and actual.neg_text_idx.shape == (stop - start,)
+    options = r.get("options", ITCOptions())
+    text_all = torch.cat([t for t in (r["text_columns"], options.text_queue) if t is not None])
+    lse = torch.logsumexp(r["scale"] * r["image_rows"] @ text_all.T, dim=1).detach()
+    assert_close(actual.lse_i2t.double(), lse, max(tol, 1e-7), "lse_i2t")  # saved in fp32
+    if dtype == torch.float64:  # fp32 rounding may flip near-ties of the arg-max
+        assert torch.equal(actual.neg_text_idx, expected.neg_text_idx)
+        assert torch.equal(actual.neg_image_idx, expected.neg_image_idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # bf16: widened in-kernel when interpreting
+@pytest.mark.parametrize("mode", ["clip", "albef"])
+def test_rows_in_half_precision_match_the_spec(dtype, mode):
+    start, stop = SLICES["middle"]
+    check_rows_against_spec(make_batch(mode), start, stop, dtype, TOLERANCE[dtype])
+
+
+def test_momentum_columns_without_alpha_get_no_gradient():
+    """alpha = 0 with momentum columns (constants): the op differentiates only rows and scale."""
+    args = rows_args(make_batch("albef"), 5, 17, torch.float64)
+    args["options"] = args["options"]._replace(alpha=0.0)
+    out, grads = losses_and_grads(args, lambda a: itc_loss_rows(**a, backend="triton"))
+    expected, expected_grads = losses_and_grads(args, spec)
+    assert_close(out.loss, expected.loss, 1e-10, "loss")
+    for name, a, e in zip(("d image_rows", "d text_rows", "d scale"), grads, expected_grads, strict=True):
+        assert_close(a, e, 1e-10, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("name", ["clip", "albef"])
@@ -217,3 +334,13 @@ def test_gpu_hard_negatives_never_positive_and_deterministic_gradients():
         assert not positives[torch.arange(2000, device="cuda")[keep], picked[keep]].any()
     first, second = run(case, torch.bfloat16, "triton"), run(case, torch.bfloat16, "triton")
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", ["clip", "albef"])
+def test_gpu_second_half_of_the_batch_matches_the_spec(dtype, mode):
+    """Rank 1 of 2 at a real size: b = 300 rows from offset 300 against B = 600 columns (ALBEF: + 1000 queue)."""
+    case = make_batch(mode, batch=600, dim=256, queue=1000, device="cuda")
+    case["scale"] = 100.0 if mode == "clip" else 1 / 0.07
+    check_rows_against_spec(case, 300, 600, dtype, TOLERANCE[dtype] if dtype != torch.float32 else 1e-4)

@@ -6,20 +6,22 @@ all tokens in one expert, interleaved and split layouts, every activation; launc
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from mome.ops import modality_ffn, modality_layer_norm, modality_linear
-from mome.ops._dispatch import BackendUnavailableError
+from mome.ops.modality import ExpertLinear, Routing
 from mome.reference import modality_ffn_ref, modality_layer_norm_ref, modality_linear_ref
 from tests.helpers import TOLERANCE, assert_close
-from tests.test_routing import make_ids
+from tests.test_modality_routing import make_ids
 
 pytest.importorskip("triton")
 
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
-INTERPRETER_DTYPES = [torch.float32, torch.float16]
+INTERPRETER_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 widened in the interpreter
 
 
 def _device() -> str:
@@ -146,9 +148,11 @@ def test_layer_norm_forward_and_gradients(case, dtype):
 def test_no_tokens_gives_empty_outputs_and_zero_parameter_gradients():
     ids = torch.zeros(0, dtype=torch.int64, device=_device())
     x, w1, b1, w2, gamma = (
-        t.requires_grad_() for t in _inputs(1, torch.float32, ((0, 8), 1.0), ((2, 12, 8), 1.0), ((2, 12), 1.0),
-                                             ((2, 8, 12), 1.0), ((2, 8), 1.0))
-    )  # fmt: skip
+        t.requires_grad_()
+        for t in _inputs(
+            1, torch.float32, ((0, 8), 1.0), ((2, 12, 8), 1.0), ((2, 12), 1.0), ((2, 8, 12), 1.0), ((2, 8), 1.0)
+        )
+    )
     hidden = modality_ffn(x, ids, w1, b1, w2, None, backend="triton")
     out = hidden + modality_layer_norm(x, ids, gamma, backend="triton")
     out.sum().backward()
@@ -160,9 +164,15 @@ def test_no_tokens_gives_empty_outputs_and_zero_parameter_gradients():
 def test_ffn_and_layer_norm_trace_under_torch_compile():
     ids = make_ids(20, 3, "interleaved", torch.Generator().manual_seed(3)).to(_device())
     x, w1, b1, w2, b2, gamma = _inputs(
-        5, torch.float32, ((20, 16), 1.0), ((3, 24, 16), 0.25), ((3, 24), 1.0), ((3, 16, 24), 0.2), ((3, 16), 1.0),
+        5,
+        torch.float32,
+        ((20, 16), 1.0),
+        ((3, 24, 16), 0.25),
+        ((3, 24), 1.0),
+        ((3, 16, 24), 0.2),
         ((3, 16), 1.0),
-    )  # fmt: skip
+        ((3, 16), 1.0),
+    )
 
     def block(x_):
         normed = modality_layer_norm(x_, ids, gamma, None, backend="triton")
@@ -170,15 +180,6 @@ def test_ffn_and_layer_norm_trace_under_torch_compile():
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 refusal only applies on CPU")
-def test_bf16_is_refused_under_the_interpreter():
-    x = torch.randn(4, 8, dtype=torch.bfloat16)
-    with pytest.raises(BackendUnavailableError, match="bf16"):
-        modality_linear(
-            x, torch.zeros(4, dtype=torch.int64), torch.randn(1, 8, 8, dtype=torch.bfloat16), backend="triton"
-        )
 
 
 @pytest.mark.gpu
@@ -215,18 +216,121 @@ def test_gpu_beit3_like_shapes(dtype):
 
 
 def test_launchers_take_routing_computed_by_the_caller():
-    """The grouped GEMM uses a given (perm, offsets), as the CUDA routing twin supplies on GPU."""
-    from mome.kernels import grouped_gemm
+    """The grouped GEMM uses the routing it is handed (the ops layer routes once per call), never its own."""
+    from mome.kernels import modality as triton_backend
 
     device = _device()
     x, weight = _inputs(11, torch.float32, ((23, 12), 1.0), ((3, 9, 12), 0.3))
     x, weight = x.to(device), weight.to(device)
     ids = torch.tensor([2, 0, 1, 1, 0, 2, 2, 0, 1, 0, 0, 2, 1, 1, 0, 2, 0, 1, 2, 2, 0, 1, 0], device=device)
     perm = torch.sort(ids, stable=True).indices.to(torch.int32)
+    inv_perm = torch.empty_like(perm).scatter_(0, perm.long(), torch.arange(23, dtype=torch.int32, device=device))
     offsets = torch.cat([ids.new_zeros(1), torch.bincount(ids, minlength=3).cumsum(0)]).to(torch.int32)
     expected = modality_linear_ref(x.double(), ids, weight.double(), activation="relu")
-    given, _ = grouped_gemm.modality_linear_fwd(x, ids, weight, None, activation="relu", routing=(perm, offsets))
+    linear = ExpertLinear(weight, None)
+    given, _ = triton_backend.modality_linear_fwd(x, ids, Routing(perm, inv_perm, offsets), linear, "relu")
     assert_close(given, expected, TOLERANCE[torch.float32])
     swapped = torch.tensor([0, offsets[2].item(), offsets[2].item(), 23], dtype=torch.int32, device=device)
-    misrouted, _ = grouped_gemm.modality_linear_fwd(x, ids, weight, None, activation="relu", routing=(perm, swapped))
+    misrouted, _ = triton_backend.modality_linear_fwd(x, ids, Routing(perm, inv_perm, swapped), linear, "relu")
     assert (misrouted - given).abs().max() > 1e-3, "the given routing must be the one used"
+
+
+# ---- declared limits: read before any launch; a forced backend names the limit, auto takes the reference ----
+
+LIMIT_CASES = [
+    # name, op, x shape, parameter shapes (weight, [w2]), the limit named in the message
+    ("E0_no_tokens", "linear", (0, 8), [(0, 6, 8)], "experts (E, the experts of the parameters) in [1, 256], got 0"),
+    ("E257", "linear", (3, 8), [(257, 6, 8)], "experts (E, the experts of the parameters) in [1, 256], got 257"),
+    ("E0_ffn", "ffn", (0, 8), [(0, 5, 8), (0, 8, 5)], "in [1, 256], got 0"),
+    ("E0_norm", "norm", (0, 8), [(0, 8)], "experts (E, the experts of the parameters) in [1, 256], got 0"),
+    ("D0_norm", "norm", (4, 0), [(2, 0)], "norm_width (D, the LayerNorm's row (one row is one tile)) in [1, 65536]"),
+    ("D65537_norm", "norm", (2, 65537), [(1, 65537)], "norm_width (D, the LayerNorm's row"),
+    ("ExD_norm", "norm", (2, 65536), [(5, 65536)], "norm_params (E * D, the per-expert gamma table"),
+]
+
+
+def _limit_case(op, x_shape, parameter_shapes):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(x_shape, generator=generator)
+    ids = torch.zeros(x_shape[0], dtype=torch.int64)
+    params = [torch.randn(shape, generator=generator) for shape in parameter_shapes]
+    if op == "linear":
+        return x, ids, lambda backend, x_, w_: modality_linear(x_, ids, w_, activation="gelu", backend=backend), params
+    if op == "ffn":
+        return x, ids, lambda backend, x_, w1, w2: modality_ffn(x_, ids, w1, None, w2, None, backend=backend), params
+    return x, ids, lambda backend, x_, w_: modality_layer_norm(x_, ids, w_, None, backend=backend), params
+
+
+def _backends_inputs(op, x, params):
+    from mome.ops import modality
+
+    if op == "norm":
+        return modality.LAYER_NORM_BACKENDS, dict(x=x, norm=modality.ExpertNorm(params[0]))
+    layers = tuple(modality.ExpertLinear(w) for w in params)
+    return (modality.LINEAR_BACKENDS if op == "linear" else modality.FFN_BACKENDS), dict(x=x, layers=layers)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: auto is the reference")
+@pytest.mark.parametrize("case", LIMIT_CASES, ids=lambda c: c[0])
+def test_limits_decline_triton_before_a_launch_and_auto_gives_the_reference(case):
+    from mome.ops import BackendUnavailableError
+
+    _, op, x_shape, parameter_shapes, limit = case
+    x, ids, run, params = _limit_case(op, x_shape, parameter_shapes)
+    backends, inputs = _backends_inputs(op, x, params)
+    assert limit in backends.reason("triton", inputs)
+    assert backends.reason("reference", inputs) is None
+    with pytest.raises(BackendUnavailableError, match=re.escape(limit)):
+        run("triton", x, *params)
+    leaves = [t.clone().requires_grad_() for t in (x, *params)]
+    out = run("auto", *leaves)
+    out.backward(torch.ones_like(out))
+    reference = [t.clone().requires_grad_() for t in (x, *params)]
+    expected = run("reference", *reference)
+    expected.backward(torch.ones_like(expected))
+    assert out.shape == expected.shape and torch.equal(out, expected)
+    for got, want in zip(leaves, reference, strict=True):
+        assert got.grad.shape == want.shape and torch.equal(got.grad, want.grad)
+
+
+@pytest.mark.parametrize(
+    "op, sizes, chosen",
+    [
+        ("linear", dict(experts=3, tokens=10, features=768), "triton"),
+        ("linear", dict(experts=300, tokens=10, features=768), "reference"),
+        ("linear", dict(experts=3, tokens=10, features=65535 * 128 + 1), "reference"),
+        ("norm", dict(experts=3, tokens=10, norm_width=1024, norm_params=3072), "triton"),
+        ("norm", dict(experts=3, tokens=10, norm_width=70000, norm_params=210000), "reference"),
+        ("norm", dict(experts=16, tokens=10, norm_width=65536, norm_params=16 * 65536), "reference"),
+    ],
+)
+def test_auto_on_cuda_tensors_falls_back_to_the_reference_past_the_triton_limits(op, sizes, chosen):
+    """auto's walk (cuda, triton, reference) over the real declared limits, with the inputs measured as CUDA ones."""
+    from mome.ops import modality
+    from mome.ops._backend import OpBackends
+
+    real = modality.LAYER_NORM_BACKENDS if op == "norm" else modality.LINEAR_BACKENDS
+    as_cuda = lambda inputs: (torch.float16, torch.device("cuda"), sizes)  # noqa: E731
+    measured = OpBackends(real.op, real.family, real.modules, as_cuda)
+    assert measured.choose("auto", {})[0] == chosen
+
+
+@pytest.mark.parametrize("din, hidden, dout", [(0, 6, 5), (7, 0, 5), (7, 6, 0)])
+def test_zero_widths_give_the_reference_answer(din, hidden, dout):
+    """Din = 0 (the output is the bias), F = 0 (the second linear sees no inputs), Dout = 0 (an empty output)."""
+    ids = make_ids(30, 3, "empty", torch.Generator().manual_seed(1)).to(_device())
+    tensors = _inputs(
+        9,
+        torch.float32,
+        ((30, din), 1.0),
+        ((3, hidden, din), 0.5),
+        ((3, hidden), 1.0),
+        ((3, dout, hidden), 0.5),
+        ((3, dout), 1.0),
+    )
+    _check_against_reference(
+        lambda *t: modality_ffn(t[0], ids, *t[1:], activation="gelu", backend="triton"),
+        lambda *t: modality_ffn_ref(t[0], ids.cpu(), *t[1:], activation="gelu"),
+        tensors,
+        torch.float32,
+    )

@@ -13,66 +13,15 @@ torchscale itself is never imported here: modules are recognised by class name a
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
 from mome.models.config import MoMEConfig
+from mome.models.torchscale_keys import POSITION_OFFSET, convert_state_dict
 from mome.models.transformer import MoMETransformer
 from mome.nn.multiway import ModalityFFN, MultiwayLayerNorm, MultiwayLinear
-
-POSITION_OFFSET = 2  # fairseq's convention: torchscale's position tables start at row 2
-
-# torchscale name -> ours, applied to the key after "encoder." is stripped (first match wins).
-_RENAMES = (
-    (r"^layers\.(\d+)\.self_attn_layer_norm\.", r"layers.\1.norm1."),
-    (r"^layers\.(\d+)\.self_attn\.", r"layers.\1.attn."),
-    (r"^layers\.(\d+)\.final_layer_norm\.", r"layers.\1.norm2."),
-    (r"^layer_norm\.", "norm."),
-)
-_EXPERT = re.compile(r"\.(A|B)\.")
-
-
-def _rename(key: str) -> str:
-    key = key[len("encoder.") :] if key.startswith("encoder.") else key
-    for pattern, replacement in _RENAMES:
-        if re.match(pattern, key):
-            return re.sub(pattern, replacement, key, count=1)
-    return key
-
-
-def convert_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A torchscale ``BEiT3`` state_dict in mome's ``MoMETransformer`` (beit3 layout) keys.
-
-    ``x.A.w`` and ``x.B.w`` become ``x.w`` = stack([A, B]); the position tables lose their two offset
-    rows and become ``vision_pos_embed`` / ``text_pos_embed`` ``(1, rows, D)``.
-    """
-    converted: dict[str, Tensor] = {}
-    experts: dict[str, dict[str, Tensor]] = {}
-    for key, value in state_dict.items():
-        if key == "encoder.embed_positions.A.weight":
-            converted["vision_pos_embed"] = value[POSITION_OFFSET:].unsqueeze(0)
-            continue
-        if key == "encoder.embed_positions.B.weight":
-            converted["text_pos_embed"] = value[POSITION_OFFSET:].unsqueeze(0)
-            continue
-        key = _rename(key)
-        match = _EXPERT.search(key)
-        if match is None:
-            converted[key] = value
-            continue
-        merged = key[: match.start()] + "." + key[match.end() :]
-        experts.setdefault(merged, {})[match.group(1)] = value
-    for key, pair in experts.items():
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"torchscale key {key!r} has only expert {sorted(pair)}: both A and B are needed")
-        if pair["A"].shape != pair["B"].shape:
-            raise ValueError(f"torchscale key {key!r}: experts A {tuple(pair['A'].shape)} and B differ in shape")
-        converted[key] = torch.stack([pair["A"], pair["B"]])
-    return converted
 
 
 def config_from_args(args) -> MoMEConfig:
@@ -298,3 +247,6 @@ def patch(model: nn.Module) -> nn.Module:
         if cls.__name__ == "MultiheadAttention" and hasattr(module, "q_proj") and hasattr(module, "inner_attn_ln"):
             module.__class__ = _fused_attention_class(cls)
     return model
+
+
+__all__ = ["BEiT3Compat", "config_from_args", "convert_state_dict", "from_beit3", "patch"]

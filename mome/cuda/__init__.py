@@ -1,7 +1,7 @@
 """Python side of the CUDA extension mome._C: loading, status, and the ops it implements.
 
 ``mome._C`` is a torch-independent pybind11 module (device pointers in); the tensor API is
-in :mod:`mome.cuda.decode` and :mod:`mome.cuda.routing`, each op a ``torch.library`` custom op.
+in :mod:`mome.cuda.decode` and :mod:`mome.cuda.modality`, the backend modules of their op families.
 Nothing here raises at import: a missing, stale or unusable extension becomes a *reason*
 that the backends report, and the ``auto`` backend falls back with a one-time warning.
 """

@@ -1,8 +1,8 @@
 """CUDA decode attention (``mome._C``): split-K flash-decoding over a KV cache, fp16/bf16, head dims 64 and 128.
 
-The backend module of ``mome.ops.decode_attention`` for ``backend="cuda"``: it follows the
-launcher contract of :mod:`mome.ops._reference_backend` (``decode_attention_fwd``) and declines
-inputs it cannot run through :func:`unsupported_reason`. The launch is the custom op
+The backend module of ``mome.ops.decode_attention`` for ``backend="cuda"``: it follows the decode
+family's contract (``mome.ops.decode.DecodeBackend``), declares what it runs in ``LIMITS`` and says
+through :func:`available` when the extension cannot run at all. The launch is the custom op
 ``mome::cuda_decode_attention``, so ``torch.compile`` traces it without a graph break.
 """
 
@@ -21,6 +21,17 @@ MAX_SPLITS = 128  # mome::kDecodeMaxSplits
 MIN_ROWS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
 BLOCKS_PER_SM = 2  # the split kernel's occupancy at its largest head group (254 registers x 128 threads)
 GRID_LIMIT = 65535  # CUDA's limit on grid dims y (kv heads x head tiles) and z (batch)
+MAX_GROUP_TILES = 8  # a block serves at most 8 query heads, so a group of up to 64 heads takes <= 8 tiles
+
+# What this backend runs (read by mome.ops.decode before any launch). Grid y is kv_heads x ceil(group / tile):
+# bounding kv_heads by GRID_LIMIT // MAX_GROUP_TILES keeps it in range for every group.
+LIMITS = {
+    "dtypes": {"cuda": DTYPES},
+    "head_dim": frozenset(HEAD_DIMS),
+    "group": (1, 64),
+    "batch": (1, GRID_LIMIT),
+    "kv_heads": (1, GRID_LIMIT // MAX_GROUP_TILES),
+}
 
 
 def group_tile(group: int) -> int:
@@ -70,17 +81,10 @@ def input_problem(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Te
     return None  # alignment is not checked here (no data pointers while torch.compile traces): see the op
 
 
-def unsupported_reason(
-    op: str, *, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, **_
-) -> str | None:
-    """Why the CUDA backend cannot run ``op`` on these inputs, or None. Warns once when the extension itself
-    is unusable (not built, stale, no driver, no kernel image for this GPU)."""
-    if op != "decode_attention":
-        return f"mome.cuda.decode has no {op}"
-    why = fallback_reason(q.device)
-    if why is not None:
-        return why
-    return input_problem(q, k_cache, v_cache, cache_seqlens)
+def available(device: torch.device) -> str | None:
+    """Why the extension cannot run on ``device`` (not built, stale, no driver, no kernel image), or None.
+    Warns once when it is unusable, since ``auto`` then falls back."""
+    return fallback_reason(device)
 
 
 def launch(
@@ -140,7 +144,7 @@ def _(q, k_cache, v_cache, cache_seqlens, scale):
     return q.new_empty(q.shape)
 
 
-def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: float) -> Tensor:
+def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
     """``(B, H, D)`` attention of q over the first ``cache_seqlens[b]`` rows of the caches (launcher contract).
 
     q ``(B, H, D)``, caches ``(B, Hkv, Nmax, D)`` contiguous, fp16/bf16, D in (64, 128), ``H % Hkv == 0``;

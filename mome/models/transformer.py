@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome.models.config import MoMEConfig
+from mome.models.torchscale_keys import convert_state_dict
 from mome.nn.layer import MoMELayer
 from mome.nn.multiway import LANGUAGE, VISION, MultiwayLayerNorm, MultiwayLinear
+from mome.ops._validate import check_ids
 
 
 class MoMEOutput(NamedTuple):
@@ -40,6 +42,16 @@ class PatchEmbedding(nn.Module):
             raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
         patches = self.proj(images).flatten(2).transpose(1, 2)  # [B, P, D]
         if masked_position is not None:
+            expected = tuple(patches.shape[:2])
+            if not isinstance(masked_position, Tensor) or tuple(masked_position.shape) != expected:
+                got = tuple(masked_position.shape) if isinstance(masked_position, Tensor) else masked_position
+                raise ValueError(
+                    f"masked_position must be a (B, P) = {expected} bool tensor (True = mask token), got {got}"
+                )
+            if masked_position.device != patches.device:
+                raise ValueError(
+                    f"masked_position must be on {patches.device} like images, got {masked_position.device}"
+                )
             weight = masked_position.unsqueeze(-1).to(patches.dtype)
             patches = patches * (1 - weight) + self.mask_token.to(patches.dtype) * weight
         cls = self.cls_token.to(patches.dtype).expand(patches.shape[0], -1, -1)
@@ -102,8 +114,8 @@ class MoMETransformer(nn.Module):
         return x
 
     def embed_text(self, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> Tensor:
-        _check_text(text_ids, text_padding_mask, self.config.max_text_len)
-        x = self.text_embed(text_ids) + self.text_pos_embed[:, : text_ids.shape[1]]  # [B, L, D]
+        _check_text(text_ids, text_padding_mask, self.config, self.text_embed.weight.device)
+        x = self.text_embed(text_ids.long()) + self.text_pos_embed[:, : text_ids.shape[1]]  # [B, L, D]
         if self.config.layout == "vlmo":
             x = self.text_embed_norm(x) + self.modality_embed.weight[LANGUAGE]
         elif text_padding_mask is not None:
@@ -126,7 +138,8 @@ class MoMETransformer(nn.Module):
         return MoMEOutput(hidden, hidden[:, 0], None)
 
     def encode_text(self, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> MoMEOutput:
-        """text_ids ``(B, L)`` int64, text_padding_mask ``(B, L)`` bool True = pad -> text_cls = hidden[:, 0]."""
+        """text_ids ``(B, L)`` ints in ``[0, vocab_size)`` with ``1 <= L <= max_text_len`` (the first token is the
+        [CLS]), text_padding_mask ``(B, L)`` bool True = pad -> text_cls = hidden[:, 0]. Bad ids raise ValueError."""
         x = self.embed_text(text_ids, text_padding_mask)
         modality = torch.full(x.shape[:2], LANGUAGE, dtype=torch.int64, device=x.device)
         hidden = self.run_layers(x, modality, text_padding_mask, fused=False)
@@ -182,12 +195,26 @@ class MoMETransformer(nn.Module):
         raise ValueError("pass images, text_ids or both")
 
 
-def _check_text(text_ids: Tensor, text_padding_mask: Tensor | None, max_len: int) -> None:
-    if not isinstance(text_ids, Tensor) or text_ids.dim() != 2 or text_ids.is_floating_point():
-        got = tuple(text_ids.shape) if isinstance(text_ids, Tensor) else type(text_ids).__name__
+def _check_text(text_ids: Tensor, text_padding_mask: Tensor | None, config: MoMEConfig, device: torch.device) -> None:
+    """Shape, dtype, device and values of the text ids (an out-of-vocabulary id is a ValueError here, not an
+    IndexError in the embedding, or a device-side assert on CUDA)."""
+    integer = isinstance(text_ids, Tensor) and not text_ids.is_floating_point() and not text_ids.is_complex()
+    if not integer or text_ids.dim() != 2 or text_ids.dtype == torch.bool:
+        got = f"{tuple(text_ids.shape)} {text_ids.dtype}" if isinstance(text_ids, Tensor) else type(text_ids).__name__
         raise ValueError(f"text_ids must be a (B, L) integer tensor, got {got}")
-    if text_ids.shape[1] > max_len:
-        raise ValueError(f"text_ids has {text_ids.shape[1]} tokens, more than config.max_text_len = {max_len}")
+    if text_ids.shape[1] == 0:
+        raise ValueError(
+            f"text_ids must hold at least one token per text (the [CLS] that text_cls reads), got shape "
+            f"{tuple(text_ids.shape)}"
+        )
+    if text_ids.shape[1] > config.max_text_len:
+        raise ValueError(
+            f"text_ids has {text_ids.shape[1]} tokens, more than config.max_text_len = {config.max_text_len}"
+        )
+    if text_ids.device != device:
+        raise ValueError(f"text_ids must be on the model's device {device}, got {text_ids.device}")
+    # reads min/max back (one sync); skipped while torch.compile traces and with MOME_CHECK_IDS=0
+    check_ids("text_ids", text_ids, config.vocab_size, f"token ids of config.vocab_size = {config.vocab_size}")
     if text_padding_mask is not None:
         if not isinstance(text_padding_mask, Tensor) or text_padding_mask.dtype != torch.bool:
             raise TypeError("text_padding_mask must be a bool tensor (True = pad)")
@@ -195,6 +222,10 @@ def _check_text(text_ids: Tensor, text_padding_mask: Tensor | None, max_len: int
             raise ValueError(
                 f"text_padding_mask must have text_ids' shape {tuple(text_ids.shape)}, "
                 f"got {tuple(text_padding_mask.shape)}"
+            )
+        if text_padding_mask.device != device:
+            raise ValueError(
+                f"text_padding_mask must be on the model's device {device}, got {text_padding_mask.device}"
             )
 
 
@@ -214,8 +245,6 @@ def _init_weights(module: nn.Module) -> None:
 def _convert_torchscale_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """Load torchscale BEiT3 checkpoints directly: their keys are converted in place."""
     if any(key.startswith(prefix + "encoder.layers.") for key in state_dict):
-        from mome.compat.torchscale import convert_state_dict
-
         converted = convert_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
         for key in [k for k in state_dict if k.startswith(prefix)]:
             del state_dict[key]

@@ -43,8 +43,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     0-and-``-inf`` float mask equal to it, with query and key lengths equal), and a bool key_padding_mask
     (or a float one holding only 0 and ``-inf``). Everything else falls back to the parent's forward:
     ``need_weights=True``, any other attn_mask (arbitrary float biases, 3-D per-head masks), attention
-    dropout while training, ``add_bias_kv`` and ``add_zero_attn``. One difference on the fused path: a
-    query whose keys are all masked gets zeros instead of the parent's NaN.
+    dropout while training, ``add_bias_kv`` and ``add_zero_attn``. A query whose keys are all masked gets a
+    zero attention output (then ``out_proj``), as the parent gives with ``need_weights=False``; the parent's
+    ``need_weights=True`` path, which mome leaves to the parent, gives NaN there.
     """
 
     @classmethod

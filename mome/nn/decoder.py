@@ -7,11 +7,15 @@ cross-attention keys and values of the image tokens projected once before the fi
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
+from mome.ops._validate import check_ids
 
 STRATEGIES = ("greedy", "sample")
 
@@ -85,19 +89,19 @@ class CaptionDecoderLayer(nn.Module):
         image_padding_mask: Tensor | None,
     ) -> Tensor:
         """One new token ``x`` ``(B, D)`` at ``position``: writes its key/value into the caches ``(B, H, Nmax, Dh)``."""
-        batch = x.shape[0]
-        q, k, v = (t.view(batch, self.heads, -1) for t in self.self_qkv(self.norm1(x)).chunk(3, dim=-1))
+        batch, dim = x.shape
+        q, k, v = (t.view(batch, self.heads, dim // self.heads) for t in self.self_qkv(self.norm1(x)).chunk(3, dim=-1))
         k_cache[:, :, position] = k
         v_cache[:, :, position] = v
         seqlens = torch.full((batch,), position + 1, dtype=torch.int32, device=x.device)
-        x = x + self.self_out(ops.decode_attention(q, k_cache, v_cache, seqlens).reshape(batch, -1))
-        q = self.cross_q(self.norm2(x)).view(batch, self.heads, -1)
+        x = x + self.self_out(ops.decode_attention(q, k_cache, v_cache, seqlens).reshape(batch, dim))
+        q = self.cross_q(self.norm2(x)).view(batch, self.heads, dim // self.heads)
         if image_padding_mask is None:  # every image token is valid: the image K/V act as a full cache
             image_tokens = torch.full((batch,), image_k.shape[2], dtype=torch.int32, device=x.device)
             attended = ops.decode_attention(q, image_k, image_v, image_tokens)
         else:
             attended = ops.attention(q.unsqueeze(2), image_k, image_v, key_padding_mask=image_padding_mask)
-        x = x + self.cross_out(attended.reshape(batch, -1))
+        x = x + self.cross_out(attended.reshape(batch, dim))
         return x + self.ffn(self.norm3(x))
 
 
@@ -201,6 +205,17 @@ class CaptionDecoder(nn.Module):
             raise TypeError(f"image_tokens must be a float tensor (B, M, image_dim), got {got}")
         if image_tokens.shape[-1] != self.image_dim or image_tokens.shape[1] == 0:
             raise ValueError(f"image_tokens must be (B, M >= 1, {self.image_dim}), got {tuple(image_tokens.shape)}")
+        weight = self.token_embed.weight
+        if image_tokens.device != weight.device:
+            raise ValueError(
+                f"image_tokens must be on the decoder's device {weight.device}, got {tuple(image_tokens.shape)} "
+                f"on {image_tokens.device}"
+            )
+        if image_tokens.dtype != weight.dtype and not torch.is_autocast_enabled(image_tokens.device.type):
+            raise TypeError(
+                f"image_tokens must have the decoder's dtype {weight.dtype} (or run under torch.autocast), "
+                f"got {image_tokens.dtype}"
+            )
         if self.image_tokens is not None and image_tokens.shape[1] != self.image_tokens:
             raise ValueError(
                 f"image_tokens must have M = {self.image_tokens} tokens (the decoder's image positions), "
@@ -223,8 +238,11 @@ class CaptionDecoder(nn.Module):
             raise ValueError(
                 f"text_ids must be (B={batch}, 1 <= L <= max_len={self.max_len}), got {tuple(text_ids.shape)}"
             )
-        if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= self.vocab_size):
-            raise ValueError(f"text_ids must lie in [0, vocab_size={self.vocab_size}), got values outside")
+        if text_ids.device != self.token_embed.weight.device:
+            raise ValueError(f"text_ids must be on the decoder's device {self.token_embed.weight.device}, "
+                             f"got {text_ids.device}")  # fmt: skip
+        # one host sync; skipped under torch.compile and with MOME_CHECK_IDS=0
+        check_ids("text_ids", text_ids, self.vocab_size, f"token ids of vocab_size = {self.vocab_size}")
 
     # -- training -------------------------------------------------------------------------------
     def image_kv(self, image_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -290,8 +308,9 @@ class CaptionDecoder(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Decode captions token by token, starting from ``bos_id``.
 
-        Returns ids ``(B, T)`` with ``T <= max_new_tokens + 1`` (bos first); after a sequence emits
-        ``eos_id`` it is padded with ``pad_id``, and decoding stops once every sequence has ended.
+        Returns ids ``(B, T)`` int64 with ``T <= max_new_tokens + 1`` (bos first); after a sequence emits
+        ``eos_id`` it is padded with ``pad_id``, and decoding stops once every sequence has ended: an empty
+        batch (``B = 0``) or ``max_new_tokens=0`` returns the bos column ``(B, 1)`` (and ``(B, 0, V)`` logits).
         ``strategy="sample"`` draws from ``softmax(logits / temperature)`` restricted to ``top_k`` /
         ``top_p`` with ``generator`` (reproducible). ``use_cache=False`` recomputes the whole prefix
         every step (the check that the KV cache changes nothing). ``return_logits=True`` also
@@ -299,6 +318,14 @@ class CaptionDecoder(nn.Module):
         """
         self._check_generate_args(max_new_tokens, bos_id, eos_id, strategy, temperature, top_k, top_p)
         self._check_image(image_tokens, image_padding_mask)
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
+            if strategy == "sample" and generator.device.type != image_tokens.device.type:
+                raise ValueError(
+                    f"generator must be on image_tokens' device ({image_tokens.device.type}) to sample there, "
+                    f"got a generator on {generator.device}"
+                )
         batch, device = image_tokens.shape[0], image_tokens.device
         image_kv = self.image_kv(image_tokens)
         ids = torch.full((batch, 1), bos_id, dtype=torch.int64, device=device)
@@ -311,6 +338,8 @@ class CaptionDecoder(nn.Module):
             caches += [(torch.zeros_like(caches[0][0]), torch.zeros_like(caches[0][0])) for _ in self.layers[1:]]
         step_logits = []
         for position in range(max_new_tokens):
+            if bool(finished.all()):  # every sequence has ended (at once for an empty batch)
+                break
             if use_cache:
                 x = self.token_embed(ids[:, -1]) + self.pos_embed[position]  # [B, D]
                 for layer, (k_cache, v_cache), (image_k, image_v) in zip(self.layers, caches, image_kv, strict=True):
@@ -323,9 +352,9 @@ class CaptionDecoder(nn.Module):
             next_ids = next_ids.masked_fill(finished, self.pad_id)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
             finished |= next_ids == eos_id
-            if bool(finished.all()):
-                break
         if return_logits:
+            if not step_logits:  # no step ran: (B, 0, V) in the dtype the LM head gives
+                return ids, self.lm_head(self.norm(self.token_embed(ids[:, :0])))
             return ids, torch.stack(step_logits, dim=1)
         return ids
 
@@ -338,19 +367,28 @@ class CaptionDecoder(nn.Module):
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     def _check_generate_args(self, max_new_tokens, bos_id, eos_id, strategy, temperature, top_k, top_p) -> None:
-        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens < self.max_len:
+        if not _is_int(max_new_tokens) or not 0 <= max_new_tokens < self.max_len:
             raise ValueError(
-                f"max_new_tokens must be an int in [1, max_len - 1 = {self.max_len - 1}] (bos takes one position), "
+                f"max_new_tokens must be an int in [0, max_len - 1 = {self.max_len - 1}] (bos takes one position), "
                 f"got {max_new_tokens!r}"
             )
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
-            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if not _is_int(value) or not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if not _is_real(temperature) or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be None or lie in (0, 1], got {top_p}")
+        if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def _is_int(value) -> bool:
+    """Python or numpy ints; not bools (``True`` is an int to Python, never a token id or a count here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
-from mome.reference.itc import ITCOutput
+from mome.ops.itc import ITCOutput
 
 IGNORE_INDEX = -100
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 0.5  # ALBEF's clamp: scale stays within [2, 1000]

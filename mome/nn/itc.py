@@ -2,7 +2,7 @@
 
 Wraps :func:`mome.ops.itc_loss`. ``gather=True`` all-gathers the features of every rank of a
 ``torch.distributed`` group (with gradient) as the columns, and each rank computes only its own
-rows against them (``mome.ops.itc.itc_loss_local``): O(local rows) work and statistics per rank.
+rows against them (``mome.ops.itc.itc_loss_rows``): O(local rows) work and statistics per rank.
 Each rank's loss is the mean over its rows; the gather's backward sums every rank's column
 gradient into the rank that owns those features, so after DDP averages the parameter gradients
 (equal local batches) they equal the single-process gradients of the mean loss on the
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mome import ops
 from mome.nn.training import FeatureQueue
-from mome.reference.itc import ITCOutput
+from mome.ops.itc import ITCOutput
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -181,29 +181,31 @@ class ITCLoss(nn.Module):
             gather_with_grad(text_feats, group) if text_feats_m is None else gather_no_grad(text_feats_m, group)
         )
         global_ids = None if positive_ids is None else gather_no_grad(positive_ids, group)
-        result = ops.itc.itc_loss_local(
+        options = ops.itc.ITCOptions(
+            image_feats_m=image_feats_m,
+            text_feats_m=text_feats_m,
+            positive_ids=global_ids,
+            alpha=self.alpha,
+            **self._queue_kwargs(image_feats.dtype, global_ids),
+        )
+        result = ops.itc.itc_loss_rows(
             image_feats,
             text_feats,
             image_columns,
             text_columns,
             self.scale,
             row_offset=dist.get_rank(group) * local,
-            image_rows_m=image_feats_m,
-            text_rows_m=text_feats_m,
-            alpha=self.alpha,
-            positive_ids=global_ids,
+            options=options,
             hard_negatives=self.hard_negatives,
             seed=self._shared_seed(generator, image_feats.device) if self.hard_negatives == "sample" else 0,
             backend=self.backend,
-            **self._queue_kwargs(image_feats.dtype, global_ids),
         )
         self._refill(image_columns.detach(), text_columns.detach(), global_ids)
         return ITCOutput(*result[:5])
 
     def _shared_seed(self, generator: torch.Generator | None, device: torch.device) -> int:
         """Drawn like ``itc_loss`` draws it, on the group's first rank, which all ranks then use."""
-        seed = torch.randint(2**62, (), generator=generator, device="cpu" if generator is None else generator.device)
-        seed = seed.to(device)
+        seed = ops.itc.sample_seed(generator).to(device)
         first = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
         dist.broadcast(seed, src=first, group=self.process_group)
         return int(seed)

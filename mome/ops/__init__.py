@@ -1,6 +1,6 @@
 """mome's public ops: validation, backend choice, autograd and torch.library registration."""
 
-from mome.ops._dispatch import BACKENDS, BackendUnavailableError
+from mome.ops._backend import BACKENDS, BackendUnavailableError
 from mome.ops.attention import attention
 from mome.ops.decode import decode_attention
 from mome.ops.itc import ITCOutput, itc_loss

@@ -2,33 +2,94 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Protocol
+
 import torch
 from torch import Tensor
 
-from mome.ops._dispatch import BACKENDS as BACKEND_NAMES
-from mome.ops._dispatch import OpBackends
+from mome.ops._backend import Family, OpBackends, check_backend
+from mome.ops._functorch import compute_dtype, transforms_active
 from mome.ops._validate import (
     INT_DTYPES,
     check_bool,
-    check_choice,
+    check_bool_flag,
     check_device,
     check_float,
-    check_ids,
+    check_int_range,
     check_same,
+    check_scale,
     check_shape,
     check_tensor,
+    describe,
+    ids_for_launch,
+    poison_where,
 )
+from mome.reference.attention import attention_ref
+
+
+class AttentionMasks(NamedTuple):
+    """The mask structure of one attention call, as the launchers take it (validated, contiguous)."""
+
+    causal: bool = False
+    key_padding_mask: Tensor | None = None  # [B, Nk] bool, True = ignore
+    prefix_len: Tensor | None = None  # [B] int64
+    modality: Tensor | None = None  # [B, Nk] int64
+    modality_mask: Tensor | None = None  # [E, E] bool
+
+
+class AttentionBackend(Protocol):
+    """Launchers of the attention family. ``lse`` is the fp32 log-sum-exp of the scaled scores per query
+    (natural log; -inf where a query sees no key)."""
+
+    def attention_fwd(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, scale: float
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def attention_bwd(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        masks: AttentionMasks,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+FAMILY = Family(
+    "attention",
+    AttentionBackend,
+    sizes={
+        "head_dim": "D, the last dim of q",
+        "batch_heads": "B * H, one grid row each",
+        "modalities": "E, the rows of modality_mask",
+    },
+)
+
+
+def _measure(inputs: dict):
+    q, masks = inputs["q"], inputs["masks"]
+    sizes = {"head_dim": q.shape[-1], "batch_heads": q.shape[0] * q.shape[1]}
+    if masks.modality_mask is not None:
+        sizes["modalities"] = masks.modality_mask.shape[0]
+    return q.dtype, q.device, sizes
+
 
 BACKENDS = OpBackends(
     "attention",
-    {"reference": "mome.ops._reference_backend", "triton": "mome.kernels.attention"},
+    FAMILY,
+    {"reference": "mome.reference.attention", "triton": "mome.kernels.attention"},
+    _measure,
 )
 
 
-def _module(backend: str, q, k, v, causal, key_padding_mask, prefix_len, modality, modality_mask):
-    inputs = dict(q=q, k=k, v=v, causal=causal, key_padding_mask=key_padding_mask, prefix_len=prefix_len,
-                  modality=modality, modality_mask=modality_mask)  # fmt: skip
-    return BACKENDS.module(backend, q.device, inputs)
+def _module(backend: str, q: Tensor, masks: AttentionMasks):
+    return BACKENDS.module(backend, dict(q=q, masks=masks))
+
+
+# The custom ops take the masks flattened (their schema has no structs); everything else takes AttentionMasks.
 
 
 @torch.library.custom_op("mome::attention_fwd", mutates_args=())
@@ -44,21 +105,17 @@ def _attention_fwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _module(backend, q, k, v, causal, key_padding_mask, prefix_len, modality, modality_mask).attention_fwd(
-        q,
-        k,
-        v,
-        causal=causal,
-        key_padding_mask=key_padding_mask,
-        prefix_len=prefix_len,
-        modality=modality,
-        modality_mask=modality_mask,
-        scale=scale,
-    )
+    bad_batch = None
+    if modality is not None:  # here, not in attention(): this runs eagerly even in compiled code
+        modality, bad = ids_for_launch("modality", modality, 0, modality_mask.shape[0] - 1, "rows of modality_mask")
+        bad_batch = None if bad is None else bad.any(dim=1)[:, None, None, None]  # [B, 1, 1, 1]
+    masks = AttentionMasks(causal, key_padding_mask, prefix_len, modality, modality_mask)
+    out, lse = _module(backend, q, masks).attention_fwd(q, k, v, masks, scale)
+    return poison_where(out, bad_batch), lse
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, key_padding_mask, prefix_len, modality, modality_mask, scale, backend):
+def _(q, k, v, *masks_scale_backend):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -78,53 +135,27 @@ def _attention_bwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    module = _module(backend, q, k, v, causal, key_padding_mask, prefix_len, modality, modality_mask)
-    return module.attention_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        causal=causal,
-        key_padding_mask=key_padding_mask,
-        prefix_len=prefix_len,
-        modality=modality,
-        modality_mask=modality_mask,
-        scale=scale,
-    )
+    if modality is not None:  # checked by the forward; the backward only needs ids that index the table
+        modality = modality.clamp(0, modality_mask.shape[0] - 1)
+    masks = AttentionMasks(causal, key_padding_mask, prefix_len, modality, modality_mask)
+    return _module(backend, q, masks).attention_bwd(dout, q, k, v, out, lse, masks, scale)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, key_padding_mask, prefix_len, modality, modality_mask, scale, backend):
+def _(dout, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, key_padding_mask, prefix_len, modality, modality_mask, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, prefix_len, modality, modality_mask)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    q, k, v, *masks, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, *output, *masks[1:])
+    ctx.causal, ctx.scale, ctx.backend = masks[0], scale, backend
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_padding_mask, prefix_len, modality, modality_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(
-        dout.contiguous(),
-        q,
-        k,
-        v,
-        out,
-        lse,
-        ctx.causal,
-        key_padding_mask,
-        prefix_len,
-        modality,
-        modality_mask,
-        ctx.scale,
-        ctx.backend,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, out, lse, *mask_tensors = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout.contiguous(), q, k, v, out, lse, ctx.causal, *mask_tensors, ctx.scale, ctx.backend)
+    return dq, dk, dv, *([None] * 7)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -135,13 +166,23 @@ def _per_batch_ints(name: str, value, batch: int, device: torch.device) -> Tenso
     if isinstance(value, bool) or not isinstance(value, (int, Tensor)):
         raise TypeError(f"{name} must be an int or a (B,) int tensor, got {type(value).__name__}")
     if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
         return torch.full((batch,), value, dtype=torch.int64, device=device)
     check_tensor(name, value, dtypes=INT_DTYPES)
+    check_int_range(name, value, 0, 2**62, "a number of keys")
     if value.dim() == 0:
         value = value.expand(batch)
     check_shape(name, value, (batch,), "(one entry per batch element)")
     check_device(name, value, device, "q")
     return value.to(torch.int64).contiguous()
+
+
+def _specification(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, scale: float) -> Tensor:
+    """The plain-PyTorch path under torch.func transforms (see mome/ops/_functorch.py)."""
+    dtype = compute_dtype(q.dtype)
+    out = attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale, **masks._asdict())
+    return out.to(q.dtype)
 
 
 def attention(
@@ -162,19 +203,23 @@ def attention(
     Args:
         q: ``(B, H, Nq, D)``; k, v: ``(B, Hkv, Nk, D)`` with ``H % Hkv == 0`` (grouped-query).
             fp16/bf16/fp32 (fp64 on the reference backend), one dtype and device for all three.
-        causal: query i (at absolute position ``i + Nk - Nq``, bottom-right aligned) sees keys
-            ``j <= i + Nk - Nq``.
+        causal: query i (at absolute position ``i + Nk - Nq``, bottom-right aligned to the padded shapes) sees
+            keys ``j <= i + Nk - Nq``. SDPA's ``is_causal`` is top-left aligned when Nq != Nk; flash-attn's
+            varlen aligns per sequence: for right-padded sequences of different lengths with Nq != Nk, pad them
+            on the left instead (keys masked by ``key_padding_mask``) to get that rule.
         key_padding_mask: ``(B, Nk)`` bool, True = ignore that key (torch convention).
         prefix_len: int or ``(B,)`` ints, with ``causal=True`` only: keys ``j < prefix_len`` are
             visible to every query (prefix-LM: bidirectional image prefix, causal text).
         modality: ``(B, Nk)`` int ids of the key positions; queries take the ids of the last Nq
             positions. With ``modality_mask`` ``(E, E)`` bool: a query of modality i sees a key
             of modality j iff ``modality_mask[i, j]``.
-        scale: multiplies ``q kᵀ``; defaults to ``D ** -0.5``.
+        scale: a number multiplying ``q kᵀ``; defaults to ``D ** -0.5``. A one-element tensor is read as a number
+            when it does not require grad; a learnable scale is refused (fold it into q instead).
         backend: ``"auto" | "reference" | "triton" | "cuda"`` (``MOME_BACKEND`` overrides auto).
 
     Returns:
-        ``(B, H, Nq, D)`` in q's dtype. A query that sees no key gets zeros and zero gradient.
+        ``(B, H, Nq, D)`` in q's dtype. A query that sees no key gets zeros and zero gradient. A key a query does
+        not see never reaches it, whatever the key holds (NaN in padding is harmless); a real NaN propagates.
 
     Equivalent PyTorch (no GQA)::
 
@@ -186,6 +231,10 @@ def attention(
     check_float("k", k, ndim=4)
     check_float("v", v, ndim=4)
     batch, heads, nq, head_dim = q.shape
+    if head_dim == 0:
+        raise ValueError(f"q must have a head dim of at least 1, got {describe(q)}")
+    causal = check_bool_flag("causal", causal)
+    scale = check_scale("scale", scale, default=head_dim**-0.5)
     check_same("k", k, "q", q)
     check_same("v", v, "q", q)
     check_shape("k", k, (batch, None, None, head_dim), "(batch and head_dim of q)")
@@ -216,23 +265,14 @@ def attention(
         check_shape("modality", modality, (batch, nk), "(batch, keys)")
         if nq > nk:
             raise ValueError(f"modality masks need Nq <= Nk so queries take the last Nq ids (got Nq={nq}, Nk={nk})")
-        check_ids("modality", modality, num_modalities, "rows of modality_mask")
+        check_tensor("modality", modality, dtypes=INT_DTYPES)
         check_device("modality", modality, q.device, "q")
         check_device("modality_mask", modality_mask, q.device, "q")
         modality = modality.to(torch.int64).contiguous()
         modality_mask = modality_mask.contiguous()
-    scale = float(head_dim**-0.5 if scale is None else scale)
-    check_choice("backend", backend, ("auto", *BACKEND_NAMES))
-    out, _lse = _attention_fwd(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        bool(causal),
-        key_padding_mask,
-        prefix_len,
-        modality,
-        modality_mask,
-        scale,
-        backend,
-    )
+    check_backend(backend)
+    masks = AttentionMasks(causal, key_padding_mask, prefix_len, modality, modality_mask)
+    if transforms_active():
+        return _specification(q, k, v, masks, scale)
+    out, _lse = _attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), *masks, scale, backend)
     return out

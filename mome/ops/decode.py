@@ -2,29 +2,65 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-from mome.ops._dispatch import BACKENDS as BACKEND_NAMES
-from mome.ops._dispatch import OpBackends
+from mome.ops._backend import Family, OpBackends, check_backend
+from mome.ops._functorch import compute_dtype, transforms_active
 from mome.ops._validate import (
     INT_DTYPES,
-    check_choice,
     check_device,
     check_float,
     check_int_range,
     check_same,
+    check_scale,
     check_shape,
     check_tensor,
+    describe,
+    ids_for_launch,
+    poison_where,
 )
+from mome.reference.decode import decode_attention_ref
+from mome.settings import check_ids
+
+
+class DecodeBackend(Protocol):
+    """The launcher of the decode family: ``(B, H, D)`` outputs, forward only."""
+
+    def decode_attention_fwd(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float
+    ) -> Tensor: ...
+
+
+FAMILY = Family(
+    "decode",
+    DecodeBackend,
+    sizes={
+        "head_dim": "D, the last dim of q",
+        "group": "H / Hkv, query heads per cache head",
+        "batch": "B, sequences",
+        "kv_heads": "Hkv, cache heads",
+        "batch_kv_heads": "B * Hkv, one grid row each",
+    },
+)
+
+
+def _measure(inputs: dict):
+    q, k_cache = inputs["q"], inputs["k_cache"]
+    batch, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    sizes = dict(head_dim=head_dim, group=heads // kv_heads, batch=batch, kv_heads=kv_heads,
+                 batch_kv_heads=batch * kv_heads)  # fmt: skip
+    return q.dtype, q.device, sizes
+
 
 BACKENDS = OpBackends(
     "decode_attention",
-    {
-        "reference": "mome.ops._reference_backend",
-        "triton": "mome.kernels.decode",
-        "cuda": "mome.cuda.decode",
-    },
+    FAMILY,
+    {"reference": "mome.reference.decode", "triton": "mome.kernels.decode", "cuda": "mome.cuda.decode"},
+    _measure,
 )
 
 
@@ -32,9 +68,13 @@ BACKENDS = OpBackends(
 def _decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, backend: str
 ) -> Tensor:
-    inputs = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
-    module = BACKENDS.module(backend, q.device, inputs)
-    return module.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale=scale)
+    # here, not in decode_attention(): this runs eagerly even in compiled code
+    nmax = k_cache.shape[2]
+    cache_seqlens, bad = ids_for_launch("cache_seqlens", cache_seqlens, 0, nmax, "the cache holds Nmax entries")
+    cache_seqlens = cache_seqlens.to(torch.int32)  # after the check: a cast first could wrap a huge length
+    module = BACKENDS.module(backend, dict(q=q, k_cache=k_cache))
+    out = module.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale)
+    return poison_where(out, None if bad is None else bad[:, None, None])
 
 
 @_decode_attention.register_fake
@@ -76,8 +116,15 @@ def decode_attention(
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=INT_DTYPES)
     check_shape("cache_seqlens", cache_seqlens, (batch,), "(one length per sequence)")
     check_device("cache_seqlens", cache_seqlens, q.device, "q")
-    check_int_range("cache_seqlens", cache_seqlens, 0, nmax, "the cache holds Nmax entries")
-    scale = float(head_dim**-0.5 if scale is None else scale)
-    cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
-    check_choice("backend", backend, ("auto", *BACKEND_NAMES))
+    if head_dim == 0:
+        raise ValueError(f"q must have a head dim of at least 1, got {describe(q)}")
+    scale = check_scale("scale", scale, default=head_dim**-0.5)
+    cache_seqlens = cache_seqlens.contiguous()
+    check_backend(backend)
+    if transforms_active():  # torch.func: the specification (see mome/ops/_functorch.py)
+        if check_ids():
+            check_int_range("cache_seqlens", cache_seqlens, 0, nmax, "the cache holds Nmax entries")
+        dtype = compute_dtype(q.dtype)
+        out = decode_attention_ref(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), cache_seqlens, scale=scale)
+        return out.to(q.dtype)
     return _decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_seqlens, scale, backend)

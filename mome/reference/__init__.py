@@ -7,7 +7,7 @@ the eager baseline of the benchmarks. Everything runs in float64 on any device.
 
 from mome.reference.attention import attention_ref, attention_visibility
 from mome.reference.decode import decode_attention_ref
-from mome.reference.itc import ITCOutput, itc_loss_local_ref, itc_loss_ref
+from mome.reference.itc import ITCOutput, itc_loss_ref, itc_loss_rows_ref
 from mome.reference.modality import (
     apply_activation,
     modality_ffn_ref,
@@ -21,8 +21,8 @@ __all__ = [
     "attention_ref",
     "attention_visibility",
     "decode_attention_ref",
-    "itc_loss_local_ref",
     "itc_loss_ref",
+    "itc_loss_rows_ref",
     "modality_ffn_ref",
     "modality_layer_norm_ref",
     "modality_linear_ref",

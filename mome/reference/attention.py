@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mome.reference._launch import ALL_FLOAT_DTYPES, compute_dtype, vjp
+
 
 def attention_visibility(
     batch: int,
@@ -78,8 +80,68 @@ def attention_ref(
         modality_mask=modality_mask,
         device=q.device,
     )[:, None]  # [B, 1, Nq, Nk]
-    scores = (q @ k.transpose(-2, -1)) * scale  # [B, H, Nq, Nk]
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = visible_scores(q, k, visible, scale)  # [B, H, Nq, Nk], -inf where hidden
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)  # fully-masked rows: 0, not NaN
-    return probs @ v
+    return weighted_values(probs, v, visible)
+
+
+# Hidden keys never contribute, whatever they hold: a NaN or Inf in the q, k or v of a hidden (query, key) pair
+# must not reach that query's output or any gradient (0 · NaN would be NaN). The products below run on the finite
+# part of the inputs; the pairs that involve a non-finite entry and are visible are then recomputed exactly, so a
+# real NaN still propagates to the queries that see it. The exact path costs B·H·Nq·Nk·D memory and runs only
+# when some input is not finite. Inside `torch.where`, both branches see inputs masked by the same condition, so
+# the backward never multiplies a zero gradient by a NaN either.
+
+
+def _finite_part(t: Tensor) -> tuple[Tensor, Tensor]:
+    finite = torch.isfinite(t)
+    return torch.where(finite, t, 0.0), finite
+
+
+def visible_scores(q: Tensor, k: Tensor, visible: Tensor, scale) -> Tensor:
+    """``q kᵀ · scale`` ``(B, H, Nq, Nk)`` where ``visible`` ``(B, 1|H, Nq, Nk)``, -inf elsewhere."""
+    q_finite, q_ok = _finite_part(q)
+    k_finite, k_ok = _finite_part(k)
+    scores = q_finite @ k_finite.transpose(-2, -1)
+    if not (q_ok.all() and k_ok.all()):
+        dirty = (~q_ok.all(-1))[..., :, None] | (~k_ok.all(-1))[..., None, :]  # [B, H, Nq, Nk]
+        exact = (dirty & visible)[..., None]
+        pairs = torch.where(exact, q[..., :, None, :], 0.0) * torch.where(exact, k[..., None, :, :], 0.0)
+        scores = torch.where(dirty & visible, pairs.sum(-1), scores)
+    return (scores * scale).masked_fill(~visible, float("-inf"))
+
+
+def weighted_values(probs: Tensor, v: Tensor, visible: Tensor) -> Tensor:
+    """``probs @ v`` where hidden pairs (probability exactly 0) never multiply their value."""
+    v_finite, v_ok = _finite_part(v)
+    out = probs @ v_finite
+    if not v_ok.all():
+        exact = visible[..., None] & ~v_ok[..., None, :, :]  # [B, H, Nq, Nk, D]
+        pairs = torch.where(exact, probs[..., None], 0.0) * torch.where(exact, v[..., None, :, :], 0.0)
+        out = out + pairs.sum(-2)
+    return out
+
+
+# --- launchers of the attention backend contract (mome.ops.attention.AttentionBackend) ---
+
+LIMITS = {"dtypes": ALL_FLOAT_DTYPES}
+
+
+def attention_fwd(q, k, v, masks, scale):
+    dtype = compute_dtype(q)
+    q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
+    mask_args = masks._asdict()
+    out = attention_ref(q32, k32, v32, scale=scale, **mask_args)
+    group = q.shape[1] // k.shape[1]
+    visible = attention_visibility(q.shape[0], q.shape[2], k.shape[2], device=q.device, **mask_args)[:, None]
+    scores = visible_scores(q32, k32.repeat_interleave(group, dim=1), visible, scale)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Nq], -inf: no key
+    return out.to(q.dtype), lse.float()
+
+
+def attention_bwd(dout, q, k, v, out, lse, masks, scale):
+    def forward(q_, k_, v_):
+        return attention_ref(q_, k_, v_, scale=scale, **masks._asdict())
+
+    return tuple(vjp(forward, [q, k, v], [dout]))

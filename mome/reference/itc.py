@@ -2,8 +2,12 @@
 
 open_clip's ClipLoss (``scale = logit_scale.exp()``, no queue, no momentum) and
 ALBEF's ITA loss (``scale = 1 / temp``, momentum features, queue, ``alpha``) are
-both special cases. Materialises the ``B × (B + Q)`` logits and targets in both
-directions: ``O(B·(B + Q))`` memory, which the fused kernel avoids.
+both special cases. Materialises the ``b × (B + Q)`` logits and targets in both
+directions: ``O(b·(B + Q))`` memory (``B²`` for a whole batch), which the fused kernel avoids.
+
+One form serves every call: ``b`` rows, the global rows ``[row_offset, row_offset + b)`` of a
+batch of ``B`` pairs whose columns are given (one rank's share of a gathered batch); the whole
+batch is the case ``b = B``, ``row_offset = 0``.
 """
 
 from __future__ import annotations
@@ -13,28 +17,44 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from mome.reference._launch import ALL_FLOAT_DTYPES, compute_dtype, vjp, widen
+
 
 class ITCOutput(NamedTuple):
     loss: Tensor  # (loss_i2t + loss_t2i) / 2
     loss_i2t: Tensor
     loss_t2i: Tensor
-    neg_text_idx: Tensor | None  # [B] in-batch text index per image, -1 when none exists
-    neg_image_idx: Tensor | None  # [B] in-batch image index per text
+    neg_text_idx: Tensor | None  # [b] in-batch text index per image, -1 when none exists
+    neg_image_idx: Tensor | None  # [b] in-batch image index per text
+
+
+def sample_seed(generator: torch.Generator | None) -> Tensor:
+    """The seed of one ``"sample"`` call, a 0-d int64 CPU tensor drawn from ``generator`` (else torch's global RNG).
+
+    ``mome.ops.itc_loss`` draws it the same way, so the spec and every backend key their draws alike.
+    """
+    device = "cpu" if generator is None else generator.device
+    return torch.randint(2**62, (), generator=generator, device=device).cpu()
 
 
 def positive_mask(positive_ids: Tensor | None, queue_ids: Tensor | None, batch: int, queue: int, device) -> Tensor:
-    """``(B, B + Q)`` bool: batch column j is positive for row i iff their ids agree (default j == i);
-    queue column q iff ``queue_ids[q] == positive_ids[i]`` (never, without queue ids)."""
+    """``(B, B + Q)`` bool: batch column j is positive for row i iff j == i or their ids agree (default: j == i);
+    queue column q iff ``queue_ids[q] == positive_ids[i]`` (never, without queue ids).
+
+    A negative id (``FeatureQueue``'s -1 for an empty slot) is no id: it matches nothing, so a pair with a
+    negative id has only itself as a positive and a queue entry with one is a negative of every row.
+    """
+    same_pair = torch.eye(batch, dtype=torch.bool, device=device)
     if positive_ids is None:
-        in_batch = torch.eye(batch, dtype=torch.bool, device=device)
+        in_batch = same_pair
         ids = torch.arange(batch, device=device)
     else:
         ids = positive_ids
-        in_batch = ids[:, None] == ids[None, :]
+        in_batch = same_pair | ((ids[:, None] == ids[None, :]) & (ids[:, None] >= 0))
     if queue_ids is None:
         in_queue = torch.zeros(batch, queue, dtype=torch.bool, device=device)
     else:
-        in_queue = ids[:, None] == queue_ids[None, :]
+        in_queue = (ids[:, None] == queue_ids[None, :]) & (queue_ids[None, :] >= 0)
     return torch.cat([in_batch, in_queue], dim=1)
 
 
@@ -42,7 +62,7 @@ def _direction_loss(
     rows: Tensor, columns: Tensor, scale: Tensor, rows_m: Tensor | None, alpha: float, positives: Tensor
 ) -> tuple[Tensor, Tensor]:
     """One direction as ALBEF writes it: logits, targets, ``-sum(target · log_softmax)`` averaged over rows."""
-    logits = scale * rows @ columns.T  # [B, B + Q]
+    logits = scale * rows @ columns.T  # [b, B + Q]
     with torch.no_grad():
         targets = positives.to(logits.dtype)
         targets = targets / targets.sum(dim=1, keepdim=True)
@@ -53,18 +73,83 @@ def _direction_loss(
     return loss, logits
 
 
-def _hard_negatives(logits_batch: Tensor, positives: Tensor, mode: str, generator: torch.Generator | None) -> Tensor:
-    """Per row, one in-batch column that is not a positive: ALBEF's softmax + multinomial, or the arg-max."""
+def row_seed(seed: int, global_row: int, direction: int) -> int:
+    """A generator seed per (seed, global row, direction): a row's draw does not depend on who computes it."""
+    return (seed + (2 * global_row + direction + 1) * 0x9E3779B97F4A7C15) % 2**64
+
+
+def _hard_negatives(
+    logits_batch: Tensor, positives: Tensor, mode: str, seed: int, row_offset: int, direction: int
+) -> Tensor:
+    """Per row, one in-batch column that is not a positive; -1 when the row has no negative or its logits
+    are not all finite (its softmax weights are undefined: the loss is NaN, and that is what to look at).
+
+    ``"hardest"``: the arg-max over the negatives. ``"sample"``: ALBEF's softmax + multinomial, with one
+    generator per global row and direction, keyed by ``row_seed``: the draws do not depend on how the rows
+    are split among ranks. (The Triton kernel keys Philox noise by the same triple and draws by Gumbel-max:
+    the same distribution, another stream.)
+    """
     with torch.no_grad():
+        defined = ~positives.all(dim=1) & torch.isfinite(logits_batch).all(dim=1)  # [b]
         if mode == "hardest":
-            scores = logits_batch.masked_fill(positives, float("-inf"))
-            picked = scores.argmax(dim=1)
-        else:
-            weights = torch.softmax(logits_batch.double(), dim=1).masked_fill(positives, 0.0)
-            has_negative = ~positives.all(dim=1)
-            weights[~has_negative] = 1.0  # multinomial needs a non-zero row; overwritten with -1 below
-            picked = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-        return picked.masked_fill(positives.all(dim=1), -1)
+            picked = logits_batch.masked_fill(positives, float("-inf")).argmax(dim=1)
+            return picked.masked_fill(~defined, -1)
+        # softmax over the negatives only: the same distribution as ALBEF's zeroed full softmax, but the
+        # largest negative weighs 1, so strong positives cannot underflow every negative to 0
+        weights = torch.softmax(logits_batch.double().masked_fill(positives, float("-inf")), dim=1)  # [b, B]
+        picked = torch.full((logits_batch.shape[0],), -1, dtype=torch.int64, device=logits_batch.device)
+        for i in defined.nonzero().flatten().tolist():
+            generator = torch.Generator(logits_batch.device).manual_seed(row_seed(seed, row_offset + i, direction))
+            picked[i] = torch.multinomial(weights[i], 1, generator=generator)[0]
+        return picked
+
+
+def itc_loss_rows_ref(
+    image_rows: Tensor,
+    text_rows: Tensor,
+    image_columns: Tensor,
+    text_columns: Tensor,
+    scale: Tensor | float,
+    *,
+    row_offset: int = 0,
+    image_feats_m: Tensor | None = None,
+    text_feats_m: Tensor | None = None,
+    image_queue: Tensor | None = None,
+    text_queue: Tensor | None = None,
+    alpha: float = 0.0,
+    positive_ids: Tensor | None = None,
+    queue_ids: Tensor | None = None,
+    hard_negatives: str | None = None,
+    seed: int = 0,
+) -> ITCOutput:
+    """The rows ``[row_offset, row_offset + b)`` of a batch of B pairs against the whole batch's columns.
+
+    ``image_rows, text_rows`` ``(b, d)``: online features of global rows ``row_offset + i``;
+    ``image_columns, text_columns`` ``(B, d)``: the batch's columns (online features, or momentum
+    features in ALBEF mode); ``image_feats_m, text_feats_m`` ``(b, d)``: the rows' momentum features
+    (soft targets, ``alpha > 0``); queues ``(Q, d)``; ``positive_ids`` ``(B,)`` the batch's ids,
+    ``queue_ids`` ``(Q,)`` (see :func:`positive_mask`). i2t columns are ``[text_columns; text_queue]``,
+    t2i columns ``[image_columns; image_queue]``; targets are uniform over the positives, mixed with
+    ``alpha · softmax(momentum logits)`` when ``alpha > 0``. Each loss is the mean over the b rows, so
+    the mean over equally sized slices is the whole batch's loss. Hard negatives index the B batch
+    columns; ``"sample"`` draws per row keyed by (``seed``, global row, direction).
+    """
+    local, batch = image_rows.shape[0], image_columns.shape[0]
+    text_all, image_all = text_columns, image_columns
+    if text_queue is not None:
+        text_all = torch.cat([text_columns, text_queue], dim=0)  # [B + Q, d]
+        image_all = torch.cat([image_columns, image_queue], dim=0)
+    queue = text_all.shape[0] - batch
+    positives = positive_mask(positive_ids, queue_ids, batch, queue, image_rows.device)[row_offset : row_offset + local]
+    scale = torch.as_tensor(scale, dtype=image_rows.dtype, device=image_rows.device)
+    loss_i2t, logits_i2t = _direction_loss(image_rows, text_all, scale, image_feats_m, alpha, positives)
+    loss_t2i, logits_t2i = _direction_loss(text_rows, image_all, scale, text_feats_m, alpha, positives)
+    neg_text = neg_image = None
+    if hard_negatives is not None:
+        in_batch = positives[:, :batch]  # [b, B]
+        neg_text = _hard_negatives(logits_i2t[:, :batch], in_batch, hard_negatives, seed, row_offset, 0)
+        neg_image = _hard_negatives(logits_t2i[:, :batch], in_batch, hard_negatives, seed, row_offset, 1)
+    return ITCOutput((loss_i2t + loss_t2i) / 2, loss_i2t, loss_t2i, neg_text, neg_image)
 
 
 def itc_loss_ref(
@@ -84,101 +169,133 @@ def itc_loss_ref(
 ) -> ITCOutput:
     """Symmetric InfoNCE over image/text features ``(B, d)``; queues are ``(Q, d)``.
 
-    i2t columns are ``[text_feats_m or text_feats; text_queue]``, t2i columns
-    ``[image_feats_m or image_feats; image_queue]``. Targets are uniform over the
-    positives, mixed with ``alpha · softmax(momentum logits)`` when ``alpha > 0``.
+    The whole batch as its own rows (:func:`itc_loss_rows_ref` with ``b = B``): i2t columns are
+    ``[text_feats_m or text_feats; text_queue]``, t2i columns ``[image_feats_m or image_feats;
+    image_queue]``. ``"sample"`` draws one seed from ``generator`` (:func:`sample_seed`, as
+    ``mome.ops.itc_loss`` does), then each row's negative with a generator keyed by (seed, row,
+    direction).
     """
-    batch = image_feats.shape[0]
-    text_columns = text_feats if text_feats_m is None else text_feats_m
-    image_columns = image_feats if image_feats_m is None else image_feats_m
-    if text_queue is not None:
-        text_columns = torch.cat([text_columns, text_queue], dim=0)  # [B + Q, d]
-        image_columns = torch.cat([image_columns, image_queue], dim=0)
-    queue = text_columns.shape[0] - batch
-    positives = positive_mask(positive_ids, queue_ids, batch, queue, image_feats.device)  # [B, B + Q]
-    scale = torch.as_tensor(scale, dtype=image_feats.dtype, device=image_feats.device)
-    loss_i2t, logits_i2t = _direction_loss(image_feats, text_columns, scale, image_feats_m, alpha, positives)
-    loss_t2i, logits_t2i = _direction_loss(text_feats, image_columns, scale, text_feats_m, alpha, positives)
-    neg_text = neg_image = None
-    if hard_negatives is not None:
-        batch_positives = positives[:, :batch]
-        neg_text = _hard_negatives(logits_i2t[:, :batch], batch_positives, hard_negatives, generator)
-        neg_image = _hard_negatives(logits_t2i[:, :batch], batch_positives, hard_negatives, generator)
-    return ITCOutput((loss_i2t + loss_t2i) / 2, loss_i2t, loss_t2i, neg_text, neg_image)
+    seed = int(sample_seed(generator)) if hard_negatives == "sample" else 0
+    return itc_loss_rows_ref(
+        image_feats,
+        text_feats,
+        image_feats if image_feats_m is None else image_feats_m,
+        text_feats if text_feats_m is None else text_feats_m,
+        scale,
+        image_feats_m=image_feats_m,
+        text_feats_m=text_feats_m,
+        image_queue=image_queue,
+        text_queue=text_queue,
+        alpha=alpha,
+        positive_ids=positive_ids,
+        queue_ids=queue_ids,
+        hard_negatives=hard_negatives,
+        seed=seed,
+    )
 
 
-class ITCLocalOutput(NamedTuple):
-    loss: Tensor  # (loss_i2t + loss_t2i) / 2, each the mean over the b local rows
-    loss_i2t: Tensor
-    loss_t2i: Tensor
-    neg_text_idx: Tensor | None  # [b] index into the B batch texts per local image, -1 when none exists
-    neg_image_idx: Tensor | None  # [b] index into the B batch images per local text
+# --- launchers of the ITC backend contract (mome.ops.itc.ITCBackend) ---
+
+LIMITS = {"dtypes": ALL_FLOAT_DTYPES}
 
 
-def row_seed(seed: int, global_row: int, direction: int) -> int:
-    """A generator seed per (seed, global row, direction): a row's draw does not depend on who computes it."""
-    return (seed + (2 * global_row + direction + 1) * 0x9E3779B97F4A7C15) % 2**64
+def _spec(options, row_offset: int, hard_negatives: str | None = None, seed: int = 0):
+    """The spec as a function of the floating tensors (in the contract's order), the rest bound."""
+
+    def forward(image_rows, text_rows, image_columns, text_columns, scale, image_m, text_m, image_queue, text_queue):
+        return itc_loss_rows_ref(
+            image_rows,
+            text_rows,
+            image_columns,
+            text_columns,
+            scale,
+            row_offset=row_offset,
+            image_feats_m=image_m,
+            text_feats_m=text_m,
+            image_queue=image_queue,
+            text_queue=text_queue,
+            alpha=options.alpha,
+            positive_ids=options.positive_ids,
+            queue_ids=options.queue_ids,
+            hard_negatives=hard_negatives,
+            seed=seed,
+        )
+
+    return forward
 
 
-def _keyed_samples(logits_batch: Tensor, positives: Tensor, seed: int, row_offset: int, direction: int) -> Tensor:
-    """ALBEF's softmax + multinomial, one generator per global row (keyed by ``row_seed``)."""
-    picked = []
-    with torch.no_grad():
-        weights = torch.softmax(logits_batch.double(), dim=1).masked_fill(positives, 0.0)
-        for i, row_weights in enumerate(weights):
-            if not positives[i].all():
-                generator = torch.Generator(logits_batch.device).manual_seed(row_seed(seed, row_offset + i, direction))
-                picked.append(int(torch.multinomial(row_weights, 1, generator=generator)))
-            else:
-                picked.append(-1)
-    return torch.tensor(picked, dtype=torch.int64, device=logits_batch.device)
+def _floats(options) -> list[Tensor | None]:
+    return [options.image_feats_m, options.text_feats_m, options.image_queue, options.text_queue]
 
 
-def itc_loss_local_ref(
-    image_rows: Tensor,
-    text_rows: Tensor,
-    image_columns: Tensor,
-    text_columns: Tensor,
-    scale: Tensor | float,
-    *,
-    row_offset: int,
-    image_rows_m: Tensor | None = None,
-    text_rows_m: Tensor | None = None,
-    image_queue: Tensor | None = None,
-    text_queue: Tensor | None = None,
-    alpha: float = 0.0,
-    positive_ids: Tensor | None = None,
-    queue_ids: Tensor | None = None,
-    hard_negatives: str | None = None,
-    seed: int = 0,
-) -> ITCLocalOutput:
-    """The rows ``[row_offset, row_offset + b)`` of ``itc_loss_ref`` over a batch of B pairs, for one rank of many.
+def itc_loss_fwd(image_rows, text_rows, image_columns, text_columns, scale, options, row_offset, hard_negatives, seed):
+    dtype = compute_dtype(image_rows)
+    wide = [widen(t, dtype) for t in (image_rows, text_rows, image_columns, text_columns, scale, *_floats(options))]
+    result = _spec(options, row_offset, hard_negatives, seed)(*wide)
+    image_rows_, text_rows_, image_columns_, text_columns_, scale_, _, _, image_queue, text_queue = wide
+    text_all = torch.cat([c for c in (text_columns_, text_queue) if c is not None])  # [B + Q, d]
+    image_all = torch.cat([c for c in (image_columns_, image_queue) if c is not None])
+    lse_i2t = torch.logsumexp(scale_ * image_rows_ @ text_all.T, dim=1)  # [b]
+    lse_t2i = torch.logsumexp(scale_ * text_rows_ @ image_all.T, dim=1)
 
-    ``image_rows, text_rows`` ``(b, d)`` are this rank's online features, global rows
-    ``row_offset + i`` of the batch; ``image_columns, text_columns`` ``(B, d)`` are the whole batch's
-    columns (the gathered online features, or the gathered momentum features in ALBEF mode);
-    ``image_rows_m, text_rows_m`` ``(b, d)`` the local momentum features (soft targets, ``alpha > 0``);
-    ``positive_ids`` ``(B,)`` the ids of the whole batch. Each loss is the mean over the b rows, so
-    the mean over equally sized slices is ``itc_loss_ref``'s loss. Hard negatives index the B batch
-    columns; ``"hardest"`` equals ``itc_loss_ref``'s picks, ``"sample"`` draws each row with its own
-    generator keyed by (``seed``, global row, direction) instead of one generator for all rows.
+    def picked(indices):  # a fresh tensor per output: custom-op outputs must not alias each other
+        return image_rows.new_empty(0, dtype=torch.int64) if indices is None else indices
+
+    return (
+        result.loss_i2t.to(dtype),
+        result.loss_t2i.to(dtype),
+        picked(result.neg_text_idx),
+        picked(result.neg_image_idx),
+        lse_i2t.float(),
+        lse_t2i.float(),
+    )
+
+
+def itc_loss_bwd(
+    d_loss_i2t,
+    d_loss_t2i,
+    image_rows,
+    text_rows,
+    image_columns,
+    text_columns,
+    scale,
+    options,
+    lse_i2t,
+    lse_t2i,
+    row_offset,
+    clip,
+    column_grads,
+):
+    """The VJP of the spec: only what gets a gradient is differentiated, the rest are constants.
+
+    ``clip``: the rows are the columns (whole batch, online), so the rows' gradient includes their part
+    as columns; ``column_grads = (image, text)`` asks for the columns' own gradients (else ``(0, d)``).
     """
-    local, batch = image_rows.shape[0], image_columns.shape[0]
-    text_all, image_all = text_columns, image_columns
-    if text_queue is not None:
-        text_all = torch.cat([text_columns, text_queue], dim=0)  # [B + Q, d]
-        image_all = torch.cat([image_columns, image_queue], dim=0)
-    queue = text_all.shape[0] - batch
-    all_positives = positive_mask(positive_ids, queue_ids, batch, queue, image_rows.device)  # [B, B + Q]
-    positives = all_positives[row_offset : row_offset + local]  # [b, B + Q]
-    scale = torch.as_tensor(scale, dtype=image_rows.dtype, device=image_rows.device)
-    loss_i2t, logits_i2t = _direction_loss(image_rows, text_all, scale, image_rows_m, alpha, positives)
-    loss_t2i, logits_t2i = _direction_loss(text_rows, image_all, scale, text_rows_m, alpha, positives)
-    neg_text = neg_image = None
-    if hard_negatives == "hardest":
-        neg_text = _hard_negatives(logits_i2t[:, :batch], positives[:, :batch], "hardest", None)
-        neg_image = _hard_negatives(logits_t2i[:, :batch], positives[:, :batch], "hardest", None)
-    elif hard_negatives == "sample":
-        neg_text = _keyed_samples(logits_i2t[:, :batch], positives[:, :batch], seed, row_offset, 0)
-        neg_image = _keyed_samples(logits_t2i[:, :batch], positives[:, :batch], seed, row_offset, 1)
-    return ITCLocalOutput((loss_i2t + loss_t2i) / 2, loss_i2t, loss_t2i, neg_text, neg_image)
+    spec = _spec(options, row_offset)
+    constants = _floats(options)
+    grad_image_columns, grad_text_columns = column_grads
+
+    def losses(image_rows_, text_rows_, scale_, image_columns_, text_columns_):
+        dtype = image_rows_.dtype
+        if clip:
+            image_columns_, text_columns_ = image_rows_, text_rows_
+        image_columns_ = image_columns.to(dtype) if image_columns_ is None else image_columns_
+        text_columns_ = text_columns.to(dtype) if text_columns_ is None else text_columns_
+        wide = [widen(t, dtype) for t in constants]
+        result = spec(image_rows_, text_rows_, image_columns_, text_columns_, scale_, *wide)
+        return result.loss_i2t, result.loss_t2i
+
+    inputs = [
+        image_rows,
+        text_rows,
+        scale,
+        image_columns if grad_image_columns and not clip else None,
+        text_columns if grad_text_columns and not clip else None,
+    ]
+    d_image, d_text, d_scale, d_image_columns, d_text_columns = vjp(losses, inputs, [d_loss_i2t, d_loss_t2i])
+    dim = image_rows.shape[1]
+    if d_image_columns is None:
+        d_image_columns = image_columns.new_empty((0, dim))
+    if d_text_columns is None:
+        d_text_columns = text_columns.new_empty((0, dim))
+    return d_image, d_text, d_image_columns, d_text_columns, d_scale

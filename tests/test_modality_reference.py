@@ -49,8 +49,9 @@ def linear_case(tokens, din, dout, experts, layout, *, bias=True, seed=0):
 def test_linear_matches_per_token_loop(layout, activation):
     x, modality, weight, bias = linear_case(37, 7, 5, 3, layout)
     expected = per_token_linear(x, modality, weight, bias, activation)
-    assert_close(modality_linear(x, modality, weight, bias, activation=activation, backend="reference"), expected,
-                 1e-12)  # fmt: skip
+    assert_close(
+        modality_linear(x, modality, weight, bias, activation=activation, backend="reference"), expected, 1e-12
+    )
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,13 +1,12 @@
 """Grouped GEMM for per-modality expert linears: ``y[t] = act(x[t] @ W[e].T + b[e])``, ``e = modality[t]``.
 
-Tokens stay in their original order in memory. Routing (``mome.kernels.routing``)
-gives the stable expert-sorted order; each program owns a tile of BLOCK_M sorted
-rows of one expert, *gathers* those rows of its input through ``perm`` and
-*scatters* its output rows back through ``perm``, so no permuted copy of any
-activation is ever written. The tile schedule (which expert a row tile belongs
-to) is derived inside the kernel from ``offsets``: the grid is sized by the upper
-bound ``cdiv(T, BLOCK_M) + E - 1`` and programs past the last tile exit at once.
-With one expert the routing is skipped entirely (a plain GEMM).
+Tokens stay in their original order in memory. Routing (``mome::modality_routing``, computed once per op call
+by the ops layer and handed in as ``perm`` and ``offsets``) gives the stable expert-sorted order; each
+program owns a tile of BLOCK_M sorted rows of one expert, *gathers* those rows of its input through ``perm`` and
+*scatters* its output rows back through ``perm``, so no permuted copy of any activation is ever written. The tile
+schedule (which expert a row tile belongs to) is derived inside the kernel from ``offsets``: the grid is sized by
+the upper bound ``cdiv(T, BLOCK_M) + E - 1`` and programs past the last tile exit at once.
+With one expert there is no routing at all (a plain GEMM; ``perm`` and ``offsets`` are not read).
 
 Backward: ``dX`` is the same kernel with ``W[e]`` untransposed, the activation's
 derivative applied to ``dY`` as it is loaded (from the saved pre-activation);
@@ -17,26 +16,40 @@ derivative applied to ``dY`` as it is loaded (from the saved pre-activation);
 FFN (``modality_ffn_fwd`` / ``_bwd``): one routing for all GEMMs of a pass; the first GEMM writes only its
 pre-activation and the second applies the activation as it loads it, so the hidden layer is never stored.
 
-Accumulation is fp32; fp32 inputs use IEEE dot products unless
-``torch.backends.cuda.matmul.allow_tf32`` is set.
+Accumulation is fp32; the dot precision of fp32 inputs follows ``mome.kernels._common.dot_precision``. Under the
+Triton interpreter every loaded tile goes through ``widen_bf16_in_interpreter`` (bf16 arithmetic is wrong there).
+The launchers of the backend contract are in ``mome.kernels.modality``.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from mome.kernels._common import TRITON_TYPE, dot_precision, interpreting, padded_dim, pointer_type
+from mome.kernels._common import widen_bf16_in_interpreter as widen
 from mome.kernels.aot import AotSpec
-from mome.kernels.routing import modality_routing
 from torch import Tensor
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+_ROUND_BF16 = tl.constexpr(interpreting())
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _TANH_CUBIC = tl.constexpr(0.044715)
+
+
+@triton.jit
+def narrow(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` for fp32 ``x``, rounded to nearest even as compiled code rounds. Triton's interpreter
+    truncates fp32 -> bf16 (even when asked for "rtne"): a bias of half a bf16 ulp on every value, which triples
+    the error of a bf16 GEMM chain. There the rounding is done on the bits first (NaN and inf stay)."""
+    if _ROUND_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -139,30 +152,26 @@ def _grouped_gemm_kernel(
         k = k0 + ks
         a_offsets = tokens[:, None] * K + k[None, :]
         a_mask = row_mask[:, None] & (k[None, :] < K)
-        a_tile = tl.load(a + a_offsets, mask=a_mask, other=0.0)
+        a_tile = widen(tl.load(a + a_offsets, mask=a_mask, other=0.0))
         if A_ACTIVATION != 0:  # the FFN's second GEMM reads the first one's pre-activation
-            a_tile = _activation(a_tile.to(tl.float32), A_ACTIVATION).to(a.dtype.element_ty)
+            a_tile = widen(narrow(_activation(a_tile.to(tl.float32), A_ACTIVATION), a.dtype.element_ty))
         if GRAD_ACTIVATION != 0:
-            u = tl.load(a_pre + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
-            a_tile = (a_tile.to(tl.float32) * _activation_grad(u, GRAD_ACTIVATION)).to(a.dtype.element_ty)
+            u = widen(tl.load(a_pre + a_offsets, mask=a_mask, other=0.0)).to(tl.float32)
+            a_tile = widen(narrow(a_tile.to(tl.float32) * _activation_grad(u, GRAD_ACTIVATION), a.dtype.element_ty))
         if B_TRANSPOSED:
             b_offsets = k[:, None] + cols[None, :] * K
         else:
             b_offsets = k[:, None] * N + cols[None, :]
-        b_tile = tl.load(
-            b_expert + b_offsets,
-            mask=(k[:, None] < K) & col_mask[None, :],
-            other=0.0,
-        )
+        b_tile = widen(tl.load(b_expert + b_offsets, mask=(k[:, None] < K) & col_mask[None, :], other=0.0))
         acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias + expert * N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += widen(tl.load(bias + expert * N + cols, mask=col_mask, other=0.0)).to(tl.float32)[None, :]
     out_offsets = tokens[:, None] * N + cols[None, :]  # the scatter
     out_mask = row_mask[:, None] & col_mask[None, :]
     if SAVE_PRE:
-        tl.store(pre_out + out_offsets, acc.to(pre_out.dtype.element_ty), mask=out_mask)
-    tl.store(out + out_offsets, _activation(acc, ACTIVATION).to(out.dtype.element_ty), mask=out_mask)
+        tl.store(pre_out + out_offsets, narrow(acc, pre_out.dtype.element_ty), mask=out_mask)
+    tl.store(out + out_offsets, narrow(_activation(acc, ACTIVATION), out.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -210,55 +219,40 @@ def _grouped_weight_grad_kernel(
             tokens = tl.load(perm + rows, mask=row_mask, other=0).to(tl.int64)
         dy_offsets = tokens[:, None] * N + ns[None, :]
         dy_mask = row_mask[:, None] & n_mask[None, :]
-        grad = tl.load(dy + dy_offsets, mask=dy_mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_N]
+        grad = widen(tl.load(dy + dy_offsets, mask=dy_mask, other=0.0)).to(tl.float32)  # [BLOCK_M, BLOCK_N]
         if ACTIVATION != 0:
-            u = tl.load(pre + dy_offsets, mask=dy_mask, other=0.0).to(tl.float32)
+            u = widen(tl.load(pre + dy_offsets, mask=dy_mask, other=0.0)).to(tl.float32)
             grad = grad * _activation_grad(u, ACTIVATION)
         if HAS_BIAS:
             bias_acc += tl.sum(grad, axis=0)
-        x_tile = tl.load(x + tokens[:, None] * K + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        x_tile = widen(tl.load(x + tokens[:, None] * K + ks[None, :], mask=x_mask, other=0.0))
         if X_ACTIVATION != 0:
-            x_tile = _activation(x_tile.to(tl.float32), X_ACTIVATION).to(x.dtype.element_ty)
-        acc = tl.dot(tl.trans(grad.to(x.dtype.element_ty)), x_tile, acc, input_precision=DOT_PRECISION)
+            x_tile = widen(narrow(_activation(x_tile.to(tl.float32), X_ACTIVATION), x.dtype.element_ty))
+        dpre = widen(narrow(grad, x.dtype.element_ty))  # the dot's operands in x's dtype (fp32 when interpreting bf16)
+        acc = tl.dot(tl.trans(dpre), x_tile, acc, input_precision=DOT_PRECISION)
     w_offsets = expert.to(tl.int64) * N * K + ns[:, None] * K + ks[None, :]
-    tl.store(dweight + w_offsets, acc.to(dweight.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+    tl.store(dweight + w_offsets, narrow(acc, dweight.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
     if HAS_BIAS:
         if pid_k == 0:
-            tl.store(dbias + expert * N + ns, bias_acc.to(dbias.dtype.element_ty), mask=n_mask)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+            tl.store(dbias + expert * N + ns, narrow(bias_acc, dbias.dtype.element_ty), mask=n_mask)
 
 
 def _gemm_blocks(n: int, k: int, prologue: bool, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small tiles when interpreting, tensor-core tiles on GPU.
 
     An A-operand prologue (activation or its derivative applied as A is loaded) takes BLOCK_K = 32: at 64 the
-    sm_80 build spills (ptxas stack 500-2100 B, see benchmarks/NOTES-routing.md); so does fp32, whose 3-stage
+    sm_80 build spills (ptxas stack 500-2100 B, see benchmarks/NOTES-modality.md); so does fp32, whose 3-stage
     128x128x64 pipeline would need 192 KiB of shared memory."""
-    if _interpreting():
+    if interpreting():
         return 32, 32, 32, 4, 1
-    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
-    block_k = (32 if prologue or dtype == torch.float32 else 64) if k >= 64 else max(16, triton.next_power_of_2(k))
+    return _gpu_gemm_blocks(n, k, prologue, dtype)
+
+
+def _gpu_gemm_blocks(n: int, k: int, prologue: bool, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    block_n = 128 if n >= 128 else padded_dim(n)
+    block_k = (32 if prologue or dtype == torch.float32 else 64) if k >= 64 else padded_dim(k)
     return 128, block_n, block_k, 8 if block_n == 128 else 4, 3
-
-
-def _routing(modality: Tensor, num_experts: int, given: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-    """``(perm, offsets)``: ``given`` when the caller routed already (the CUDA twin), else this package's kernels."""
-    if num_experts == 1:
-        empty = torch.empty(0, dtype=torch.int32, device=modality.device)
-        return empty, empty
-    if given is not None:
-        return given
-    perm, _inv_perm, offsets = modality_routing(modality, num_experts)
-    return perm, offsets
 
 
 def grouped_gemm(
@@ -277,7 +271,7 @@ def grouped_gemm(
 ) -> tuple[Tensor, Tensor]:
     """``out[t] = act(a'[t] @ B[e] + bias[e])`` with ``B[e] = b[e].T`` when ``b_transposed`` (b is ``(E, N, K)``),
     else ``b[e]`` (b is ``(E, K, N)``); ``a' = a_act(a)``, or ``a * grad_act(a_pre)`` when ``grad_activation``.
-    Returns (out, pre)."""
+    ``perm``/``offsets``: the routing (not read with one expert). Returns (out, pre). K = 0 gives ``act(bias)``."""
     tokens, k = a.shape
     num_experts = b.shape[0]
     n = b.shape[1] if b_transposed else b.shape[2]
@@ -289,32 +283,14 @@ def grouped_gemm(
     block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(n, k, prologue, a.dtype)
     m_tiles = triton.cdiv(tokens, block_m) + num_experts - 1  # upper bound on the row tiles of all experts
     _grouped_gemm_kernel[(m_tiles, triton.cdiv(n, block_n))](
-        out,
-        pre,
-        a,
-        a if a_pre is None else a_pre,
-        b,
-        b if bias is None else bias,
-        perm,
-        offsets,
-        tokens,
-        n,
-        k,
-        NUM_EXPERTS=num_experts,
-        EXPERTS_PAD=triton.next_power_of_2(num_experts),
-        B_TRANSPOSED=b_transposed,
-        HAS_BIAS=bias is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        SAVE_PRE=save_pre,
-        A_ACTIVATION=ACTIVATION_CODES[a_activation],
-        GRAD_ACTIVATION=ACTIVATION_CODES[grad_activation],
-        DOT_PRECISION=_dot_precision(a.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+        out, pre, a, a if a_pre is None else a_pre, b, b if bias is None else bias, perm, offsets,
+        tokens, n, k,
+        NUM_EXPERTS=num_experts, EXPERTS_PAD=triton.next_power_of_2(num_experts), B_TRANSPOSED=b_transposed,
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], SAVE_PRE=save_pre,
+        A_ACTIVATION=ACTIVATION_CODES[a_activation], GRAD_ACTIVATION=ACTIVATION_CODES[grad_activation],
+        DOT_PRECISION=dot_precision(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
     return out, pre
 
 
@@ -331,103 +307,32 @@ def grouped_weight_grad(
     x_activation: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``dW[e] = dPre_eᵀ · x'_e`` ``(E, Dout, Din)`` and ``db[e] = Σ dPre_e`` with ``dPre = dy * act'(pre)``,
-    ``x' = x_act(x)``."""
+    ``x' = x_act(x)``. An expert without tokens gets zeros; so does every expert when there are no tokens."""
     tokens, n = dy.shape
     k = x.shape[1]
     dweight = torch.empty(num_experts, n, k, dtype=x.dtype, device=x.device)
     dbias = torch.empty(num_experts, n, dtype=x.dtype, device=x.device) if has_bias else None
-    if n == 0 or k == 0:
+    if n == 0 or num_experts == 0:
         return dweight, dbias
-    if _interpreting():
+    if interpreting():
         block_m, block_n, block_k, num_warps, num_stages = 32, 32, 32, 4, 1
     else:
         block_m, block_n, block_k, num_warps, num_stages = 32, 128, 128, 8, 3  # no ptxas spills on sm_90
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k), num_experts)
+    # K = 0 still takes one column of programs: the pid_k == 0 ones write the bias gradient
+    grid = (triton.cdiv(n, block_n), max(1, triton.cdiv(k, block_k)), num_experts)
     _grouped_weight_grad_kernel[grid](
-        dweight,
-        dweight if dbias is None else dbias,
-        dy,
-        dy if pre is None else pre,
-        x,
-        perm,
-        offsets,
-        tokens,
-        n,
-        k,
-        NUM_EXPERTS=num_experts,
-        HAS_BIAS=has_bias,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        X_ACTIVATION=ACTIVATION_CODES[x_activation],
-        DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+        dweight, dweight if dbias is None else dbias, dy, dy if pre is None else pre, x, perm, offsets,
+        tokens, n, k,
+        NUM_EXPERTS=num_experts, HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation],
+        X_ACTIVATION=ACTIVATION_CODES[x_activation], DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
     return dweight, dbias
-
-
-# --- launchers of the backend contract (mome/ops/_reference_backend.py) ---
-
-
-def unsupported_reason(op: str, **inputs) -> str | None:
-    x = inputs.get("x")
-    if x is None:
-        return None
-    if x.dtype == torch.float64:
-        return "the Triton grouped GEMM runs fp32, fp16 and bf16, not float64"
-    if x.dtype == torch.bfloat16 and _interpreting():
-        return "bf16 arithmetic is wrong in the Triton interpreter (bf16 runs on GPU only)"
-    return None
-
-
-def modality_linear_fwd(x, modality, weight, bias, *, activation, routing=None):
-    perm, offsets = _routing(modality, weight.shape[0], routing)
-    out, pre = grouped_gemm(
-        x, weight, perm, offsets, b_transposed=True, bias=bias, activation=activation, save_pre=activation is not None
-    )
-    return out, pre
-
-
-def modality_linear_bwd(dy, x, modality, weight, bias, pre, *, activation, routing=None):
-    num_experts = weight.shape[0]
-    perm, offsets = _routing(modality, num_experts, routing)
-    saved_pre = pre if activation is not None else None
-    dx, _ = grouped_gemm(dy, weight, perm, offsets, b_transposed=False, a_pre=saved_pre, grad_activation=activation)
-    dweight, dbias = grouped_weight_grad(
-        dy, saved_pre, x, perm, offsets, num_experts, activation=activation, has_bias=bias is not None
-    )
-    return dx, dweight, dbias
-
-
-def modality_ffn_fwd(x, modality, w1, b1, w2, b2, *, activation, routing=None):
-    """``y = fc2_e(act(fc1_e(x)))`` with one routing for both GEMMs. Returns ``(y, pre)``: the first GEMM writes only
-    its pre-activation, the second applies the activation as it loads it (the hidden layer is never stored)."""
-    perm, offsets = _routing(modality, w1.shape[0], routing)
-    pre, _ = grouped_gemm(x, w1, perm, offsets, b_transposed=True, bias=b1)  # [T, F]
-    y, _ = grouped_gemm(pre, w2, perm, offsets, b_transposed=True, bias=b2, a_activation=activation)  # [T, Dout]
-    return y, pre
-
-
-def modality_ffn_bwd(dy, x, modality, w1, b1, w2, b2, pre, *, activation, routing=None):
-    """Gradients of ``modality_ffn_fwd`` from its saved pre-activation: ``(dx, dw1, db1, dw2, db2)``."""
-    num_experts = w1.shape[0]
-    perm, offsets = _routing(modality, num_experts, routing)
-    d_hidden, _ = grouped_gemm(dy, w2, perm, offsets, b_transposed=False)  # [T, F], before act'
-    dw2, db2 = grouped_weight_grad(
-        dy, None, pre, perm, offsets, num_experts, activation=None, has_bias=b2 is not None, x_activation=activation
-    )
-    dx, _ = grouped_gemm(d_hidden, w1, perm, offsets, b_transposed=False, a_pre=pre, grad_activation=activation)
-    dw1, db1 = grouped_weight_grad(
-        d_hidden, pre, x, perm, offsets, num_experts, activation=activation, has_bias=b1 is not None
-    )
-    return dx, dw1, db1, dw2, db2
 
 
 # --- ahead-of-time compile specs (python -m mome.kernels.aot) ---
 
-_TRITON_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GEMM_FLAGS = ["NUM_EXPERTS", "EXPERTS_PAD", "B_TRANSPOSED", "HAS_BIAS", "ACTIVATION", "SAVE_PRE", "A_ACTIVATION"]
 _GEMM_FLAGS += ["GRAD_ACTIVATION", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
 _WEIGHT_GRAD_FLAGS = ["NUM_EXPERTS", "HAS_BIAS", "ACTIVATION", "X_ACTIVATION", "DOT_PRECISION"]
@@ -450,45 +355,55 @@ _WEIGHT_GRAD_VARIANTS = [("gelu_bias_E3", 3, True, 1, 0)]
 _WEIGHT_GRAD_VARIANTS_BF16 = [("ffn2_gelu_E3", 3, True, 0, 1), ("plain_E1", 1, False, 0, 0)]
 
 
-def _gemm_spec(dtype: str, variant: tuple) -> AotSpec:
+def _gemm_spec(dtype: torch.dtype, variant: tuple) -> AotSpec:
     name, experts, activation, save_pre, a_activation, grad_activation, bias = variant
-    pointer = _TRITON_DTYPES[dtype]
+    pointer = pointer_type(dtype)
     prologue = a_activation != 0 or grad_activation != 0
     signature = {"out": pointer, "pre_out": pointer, "a": pointer, "a_pre": pointer, "b": pointer, "bias": pointer}
     signature |= {"perm": "*i32", "offsets": "*i32", "T": "i32", "N": "i32", "K": "i32"}
     signature |= dict.fromkeys(_GEMM_FLAGS, "constexpr")
     constexprs = dict(NUM_EXPERTS=experts, EXPERTS_PAD=triton.next_power_of_2(experts), HAS_BIAS=bias)
     constexprs |= dict(ACTIVATION=activation, SAVE_PRE=save_pre, A_ACTIVATION=a_activation)
-    constexprs |= dict(GRAD_ACTIVATION=grad_activation, B_TRANSPOSED=grad_activation == 0, DOT_PRECISION="ieee")
-    constexprs |= dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if prologue or dtype == "fp32" else 64)
+    constexprs |= dict(GRAD_ACTIVATION=grad_activation, B_TRANSPOSED=grad_activation == 0)
+    constexprs |= dict(DOT_PRECISION=dot_precision(dtype))
+    block_m, block_n, block_k, num_warps, num_stages = _gpu_gemm_blocks(768, 3072, prologue, dtype)  # model widths
+    constexprs |= dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return AotSpec(
-        f"grouped_gemm_{name}_{dtype}", _grouped_gemm_kernel, signature, constexprs, num_warps=8,
+        f"grouped_gemm_{name}_{TRITON_TYPE[dtype]}",
+        _grouped_gemm_kernel,
+        signature,
+        constexprs,
+        num_warps=num_warps,
+        num_stages=num_stages,
         divisible_by_16=("N", "K"),  # model widths (768, 3072, ...): what launch-time specialisation sees
-    )  # fmt: skip
+    )
 
 
-def _weight_grad_spec(dtype: str, variant: tuple) -> AotSpec:
+def _weight_grad_spec(dtype: torch.dtype, variant: tuple) -> AotSpec:
     name, experts, bias, activation, x_activation = variant
-    pointer = _TRITON_DTYPES[dtype]
+    pointer = pointer_type(dtype)
     signature = {"dweight": pointer, "dbias": pointer, "dy": pointer, "pre": pointer, "x": pointer}
     signature |= {"perm": "*i32", "offsets": "*i32", "T": "i32", "N": "i32", "K": "i32"}
     signature |= dict.fromkeys(_WEIGHT_GRAD_FLAGS, "constexpr")
     constexprs = dict(NUM_EXPERTS=experts, HAS_BIAS=bias, ACTIVATION=activation, X_ACTIVATION=x_activation)
-    constexprs |= dict(DOT_PRECISION="ieee", BLOCK_M=32, BLOCK_N=128, BLOCK_K=128)
+    constexprs |= dict(DOT_PRECISION=dot_precision(dtype), BLOCK_M=32, BLOCK_N=128, BLOCK_K=128)
     return AotSpec(
-        f"grouped_weight_grad_{name}_{dtype}", _grouped_weight_grad_kernel, signature, constexprs, num_warps=8,
+        f"grouped_weight_grad_{name}_{TRITON_TYPE[dtype]}",
+        _grouped_weight_grad_kernel,
+        signature,
+        constexprs,
+        num_warps=8,
         divisible_by_16=("N", "K"),
-    )  # fmt: skip
+    )
 
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    for dtype in _TRITON_DTYPES:
-        extra = dtype == "bf16"
+    for dtype in _AOT_DTYPES:
+        extra = dtype == torch.bfloat16
         specs += [_gemm_spec(dtype, v) for v in _GEMM_VARIANTS + (_GEMM_VARIANTS_BF16 if extra else [])]
-        specs += [
-            _weight_grad_spec(dtype, v) for v in _WEIGHT_GRAD_VARIANTS + (_WEIGHT_GRAD_VARIANTS_BF16 if extra else [])
-        ]
+        weight_grads = _WEIGHT_GRAD_VARIANTS + (_WEIGHT_GRAD_VARIANTS_BF16 if extra else [])
+        specs += [_weight_grad_spec(dtype, v) for v in weight_grads]
     return specs
 
 

@@ -4,12 +4,13 @@
   ``index_add`` loop (mPLUG-Owl2 style), ``torch._grouped_mm`` on sorted tokens, and one dense FFN
   over all tokens (the lower bound). TFLOP/s = ``(2·T·D·F + 2·T·F·D) / time``, backward 2×.
 - LayerNorm: GB/s of x read and y written, vs split/cat, the index loop and one dense LayerNorm.
-- Routing: permutation + per-expert offsets; GB/s of ids read and permutation written, ``torch.sort``
-  based vs a bincount/cumsum counting sort.
+- Routing: permutation + per-expert offsets (the family's private op ``mome::modality_routing``); GB/s of ids
+  read and permutation written, vs ``torch.sort`` + bincount/cumsum.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +97,8 @@ def _expert_ffn(x, inputs, e):
 
 
 def _mome_ffn(inputs, backend, context):
-    return ops.modality_ffn(inputs["x"], inputs["modality"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"],
-                            activation="gelu", backend=backend)  # fmt: skip
+    tensors = (inputs[name] for name in ("x", "modality", "w1", "b1", "w2", "b2"))
+    return ops.modality_ffn(*tensors, activation="gelu", backend=backend)
 
 
 def _split_cat_setup(shape, inputs, device, mode, notes):
@@ -161,7 +162,7 @@ FFN = Family(
         "index-loop": Provider("index-loop", "baseline", _index_loop(_expert_ffn)),
         "grouped-mm": Provider(
             "grouped-mm", "baseline", _grouped_mm_setup, cuda_only="torch._grouped_mm runs on CUDA only"
-        ),  # fmt: skip
+        ),
         "dense-ffn": Provider("dense-ffn", "bound", _dense_ffn_setup),
     },
     make_inputs=make_ffn_inputs,
@@ -222,7 +223,7 @@ NORM = Family(
         "dense-layer-norm": Provider(
             "dense-layer-norm", "bound", lambda shape, inputs, device, mode, notes: lambda b: _expert_norm(b["x"], b, 0)
         ),
-    },  # fmt: skip
+    },
     make_inputs=make_norm_inputs,
     work=norm_work,
     grad_names=("x", "weight", "bias"),
@@ -237,29 +238,36 @@ def make_routing_inputs(shape: TokenShape, dtype, device, seed: int, requires_gr
 
 
 def routing_work(shape: TokenShape, mode: str, dtype) -> Work:
-    return Work(0.0, shape.tokens * (8 + 2 * 4) + shape.experts * 4, "GB/s",
-                "bytes: int64 ids read, int32 permutation and inverse written, E offsets")  # fmt: skip
+    return Work(
+        0.0,
+        shape.tokens * (8 + 2 * 4) + shape.experts * 4,
+        "GB/s",
+        "bytes: int64 ids read, int32 permutation and inverse written, E offsets",
+    )
 
 
 def _torch_sort_setup(shape, inputs, device, mode, notes):
     def forward(batch):
         order = torch.sort(batch["modality"], stable=True).indices
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        offsets = torch.cumsum(torch.bincount(batch["modality"], minlength=shape.experts), 0)
-        return order.to(torch.int32), inverse.to(torch.int32), offsets
+        counts = torch.bincount(batch["modality"], minlength=shape.experts)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E + 1], like the op's
+        return order.to(torch.int32), inverse.to(torch.int32), offsets.to(torch.int32)
 
     return forward
 
 
-def _no_public_routing(shape, inputs, device, mode, notes):
-    raise Unavailable("mome has no public routing op: its routing runs inside modality_linear / modality_ffn")
+def _mome_routing(inputs, backend, num_experts):
+    """The private routing op of the modality family (``mome::modality_routing``) with a forced backend."""
+    return torch.ops.mome.modality_routing(inputs["modality"], num_experts, backend)
 
 
+_ROUTING_PROVIDERS = mome_providers(_mome_routing, setup=lambda shape, inputs, device: shape.experts)
 ROUTING = Family(
     op="routing",
     shapes={name: shape for name, shape in _shapes().items() if "interleaved" in name or name == "beit3-base"},
     providers={
-        "mome-triton": Provider("mome-triton", "mome", _no_public_routing),
+        **{name: dataclasses.replace(provider, modes=("fwd",)) for name, provider in _ROUTING_PROVIDERS.items()},
         "torch-sort": Provider("torch-sort", "baseline", _torch_sort_setup, modes=("fwd",)),
     },
     make_inputs=make_routing_inputs,

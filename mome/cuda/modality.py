@@ -1,7 +1,8 @@
-"""CUDA modality routing metadata (``mome._C``): a stable counting sort of tokens by expert, no host sync.
+"""CUDA backend of the modality family's routing (``mome._C``): a stable counting sort of tokens by expert, no
+host sync.
 
-``modality_routing(modality, num_experts) -> (perm, inv_perm, offsets)``, all int32 on the
-device, identical to the Triton twin ``mome.kernels.routing.modality_routing``:
+``modality_routing(modality, num_experts) -> (perm, inv_perm, offsets)``, all int32 on the device, identical to
+the Triton twin ``mome.kernels.modality_routing`` (the contract is ``mome.ops.modality.RoutingBackend``):
 
 - ``perm[k]``: original index of the k-th token in stable expert-sorted order;
 - ``inv_perm[t]``: sorted position of token t (``perm[inv_perm[t]] == t``);
@@ -24,7 +25,20 @@ from mome.cuda import device_reason, extension, fallback_reason
 MAX_EXPERTS = 256  # mome::kRoutingMaxExperts (shared-memory tables per expert)
 MAX_TOKENS = 2**31 - 1  # int32 outputs
 
+# What this backend routes (read by mome.ops.modality before any launch; see mome/ops/_backend.py).
+LIMITS = {
+    "dtypes": {"cuda": (torch.int64,)},
+    "experts": (1, MAX_EXPERTS),
+    "tokens": (0, MAX_TOKENS),
+}
+
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def available(device: torch.device) -> str | None:
+    """Why the extension cannot run on ``device`` (not built, stale, driver, kernel image), or None; warns once
+    when ``auto`` falls back because of it."""
+    return fallback_reason(device)
 
 
 def input_problem(modality: Tensor, num_experts: int) -> str | None:
@@ -37,16 +51,6 @@ def input_problem(modality: Tensor, num_experts: int) -> str | None:
     if modality.numel() > MAX_TOKENS:
         return f"the CUDA routing kernel takes at most {MAX_TOKENS} tokens, got {modality.numel()}"
     return None
-
-
-def unsupported_reason(op: str, *, modality: Tensor, num_experts: int, **_) -> str | None:
-    """Why the CUDA backend cannot route these inputs, or None (warns once when the extension is unusable)."""
-    if op != "modality_routing":
-        return f"mome.cuda.routing has no {op}"
-    why = fallback_reason(modality.device)
-    if why is not None:
-        return why
-    return input_problem(modality, num_experts)
 
 
 def launch(perm: Tensor, inv_perm: Tensor, offsets: Tensor, modality: Tensor, num_experts: int) -> None:
@@ -67,33 +71,8 @@ def launch(perm: Tensor, inv_perm: Tensor, offsets: Tensor, modality: Tensor, nu
         )
 
 
-@torch.library.custom_op("mome::cuda_modality_routing", mutates_args=())
-def _cuda_modality_routing(modality: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    why = device_reason(modality.device) or input_problem(modality, num_experts)
-    if why is not None:
-        raise ValueError(f"mome.cuda.routing.modality_routing cannot run these inputs: {why}")
-    modality = modality.to(torch.int64).contiguous()  # the kernel reads int64 ids
-    tokens = modality.shape[0]
-    perm = modality.new_empty(tokens, dtype=torch.int32)
-    inv_perm = modality.new_empty(tokens, dtype=torch.int32)
-    offsets = modality.new_empty(num_experts + 1, dtype=torch.int32)
-    launch(perm, inv_perm, offsets, modality, num_experts)
-    return perm, inv_perm, offsets
-
-
-@_cuda_modality_routing.register_fake
-def _(modality, num_experts):
-    tokens = modality.shape[0]
-    int32 = dict(dtype=torch.int32, device=modality.device)
-    return (
-        modality.new_empty(tokens, **int32),
-        modality.new_empty(tokens, **int32),
-        torch.empty(num_experts + 1, **int32),
-    )
-
-
 def modality_routing(modality: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Stable expert-sorted order of the tokens: ``(perm, inv_perm, offsets)``, int32, on modality's device.
+    """Launcher of the routing contract: the stable expert-sorted order of the tokens, int32, on modality's device.
 
     Args:
         modality: ``(T,)`` integer expert ids in ``[0, num_experts)``, on a CUDA device. Values are not
@@ -105,7 +84,13 @@ def modality_routing(modality: Tensor, num_experts: int) -> tuple[Tensor, Tensor
         raise TypeError(f"modality must be an integer torch.Tensor, got {got}")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int):
         raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
-    why = input_problem(modality, num_experts)
+    why = input_problem(modality, num_experts) or device_reason(modality.device)
     if why is not None:
-        raise ValueError(why)
-    return _cuda_modality_routing(modality.to(torch.int64).contiguous(), num_experts)
+        raise ValueError(f"mome.cuda.modality.modality_routing cannot run these inputs: {why}")
+    modality = modality.to(torch.int64).contiguous()  # the kernel reads int64 ids
+    tokens = modality.shape[0]
+    perm = modality.new_empty(tokens, dtype=torch.int32)
+    inv_perm = modality.new_empty(tokens, dtype=torch.int32)
+    offsets = modality.new_empty(num_experts + 1, dtype=torch.int32)
+    launch(perm, inv_perm, offsets, modality, num_experts)
+    return perm, inv_perm, offsets

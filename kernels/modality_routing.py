@@ -1,14 +1,15 @@
-"""Routing metadata for per-modality experts: a stable counting sort of tokens by expert id, on the device.
+"""Routing of the modality family: a stable counting sort of the tokens by expert id, on the device.
 
-``modality_routing(modality, num_experts) -> (perm, inv_perm, offsets)`` (all int32):
+The Triton backend of ``mome::modality_routing`` (the ``RoutingBackend`` contract of the ops layer):
+``modality_routing(modality, num_experts) -> (perm, inv_perm, offsets)``, all int32:
 
 - ``perm[k]``: original index of the k-th token in stable expert-sorted order;
 - ``inv_perm[t]``: sorted position of token t;
 - ``offsets`` ``(E + 1,)``: ``offsets[e]`` is the first sorted row of expert e, ``offsets[E] = T``.
 
-Two launches and no host sync: a per-block histogram of ids, then per block the
-exclusive prefix over earlier blocks plus the rank of each token among the same
-expert's tokens in its block. The CUDA twin in ``csrc/`` keeps this contract.
+Two launches and no host sync: a per-block histogram of ids, then per block the exclusive prefix over earlier
+blocks (read in chunks of block histograms, so any number of tokens fits) plus the rank of each token among the
+same expert's tokens in its block. The CUDA twin (``mome.cuda.modality``) keeps this contract.
 Moves ``T`` ids in twice and ``2·T`` int32 out: bandwidth-bound, a few microseconds.
 """
 
@@ -21,10 +22,17 @@ from mome.kernels.aot import AotSpec
 from torch import Tensor
 
 ROUTING_BLOCK = 1024  # tokens per program; the second pass reads all block histograms, (T / 1024) x E ints
-ONE_HOT_ELEMENTS = (
-    16384  # a program's (tokens x padded experts) one-hot tile: fewer tokens per program for many experts
-)
+ONE_HOT_ELEMENTS = 16384  # a program's (tokens x padded experts) one-hot tile: fewer tokens for many experts
+COUNTS_ELEMENTS = 16384  # a chunk of (block histograms x padded experts) that the second pass holds at once
 MAX_EXPERTS = 256
+MAX_TOKENS = 2**31 - 1  # int32 ids of the sorted rows
+
+# What this backend routes: the ops layer reads it before any launch.
+LIMITS = {
+    "dtypes": (torch.int64,),
+    "experts": (1, MAX_EXPERTS),
+    "tokens": (0, MAX_TOKENS),
+}
 
 
 @triton.jit
@@ -56,17 +64,20 @@ def _routing_scatter_kernel(
     num_blocks,
     NUM_EXPERTS: tl.constexpr,
     EXPERTS_PAD: tl.constexpr,
-    BLOCKS_PAD: tl.constexpr,
+    BLOCKS_CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     block = tl.program_id(0)
     experts = tl.arange(0, EXPERTS_PAD)
-    blocks = tl.arange(0, BLOCKS_PAD)
-    valid = (blocks[:, None] < num_blocks) & (experts[None, :] < NUM_EXPERTS)
-    all_counts = tl.load(block_counts + blocks[:, None] * NUM_EXPERTS + experts[None, :], mask=valid, other=0)
-    totals = tl.sum(all_counts, axis=0)  # [EXPERTS_PAD] tokens per expert
+    totals = tl.zeros((EXPERTS_PAD,), dtype=tl.int32)  # tokens per expert
+    earlier = tl.zeros((EXPERTS_PAD,), dtype=tl.int32)  # tokens per expert in the blocks before this one
+    for chunk_start in range(0, num_blocks, BLOCKS_CHUNK):
+        blocks = chunk_start + tl.arange(0, BLOCKS_CHUNK)
+        valid = (blocks[:, None] < num_blocks) & (experts[None, :] < NUM_EXPERTS)
+        counts = tl.load(block_counts + blocks[:, None] * NUM_EXPERTS + experts[None, :], mask=valid, other=0)
+        totals += tl.sum(counts, axis=0)
+        earlier += tl.sum(tl.where(blocks[:, None] < block, counts, 0), axis=0)
     expert_start = tl.cumsum(totals, axis=0) - totals  # exclusive prefix: first sorted row of each expert
-    earlier = tl.sum(tl.where(blocks[:, None] < block, all_counts, 0), axis=0)  # same expert, earlier blocks
     base = expert_start + earlier
 
     tokens = block * BLOCK + tl.arange(0, BLOCK)
@@ -82,17 +93,19 @@ def _routing_scatter_kernel(
         tl.store(offsets + NUM_EXPERTS, T)
 
 
-def modality_routing(modality: Tensor, num_experts: int, *, block: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Stable expert-sorted order of the tokens: ``(perm, inv_perm, offsets)``, int32 on modality's device.
+def _default_block(experts_pad: int) -> int:
+    return max(64, min(ROUTING_BLOCK, ONE_HOT_ELEMENTS // experts_pad))
+
+
+def counting_sort(
+    modality: Tensor, num_experts: int, *, block: int | None = None, blocks_chunk: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(perm, inv_perm, offsets)`` with explicit tiling: ``block`` tokens per program and ``blocks_chunk`` block
+    histograms per step of the second pass (powers of two; defaults from the number of experts). Tests take small
+    ones to get many programs and chunks at small sizes.
 
     modality: ``(T,)`` int64, contiguous, ids in ``[0, num_experts)`` (not checked here: that would sync).
-    block: tokens per program (a power of two; default from the number of experts).
     """
-    if modality.dim() != 1 or modality.dtype != torch.int64:
-        raise ValueError(f"modality must be a 1-D int64 tensor, got shape {tuple(modality.shape)}, {modality.dtype}")
-    if not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"num_experts must be in [1, {MAX_EXPERTS}] for the Triton routing, got {num_experts}")
-    modality = modality.contiguous()
     tokens = modality.shape[0]
     device = modality.device
     perm = torch.empty(tokens, dtype=torch.int32, device=device)
@@ -101,27 +114,29 @@ def modality_routing(modality: Tensor, num_experts: int, *, block: int | None = 
     if tokens == 0:
         return perm, inv_perm, offsets.zero_()
     experts_pad = triton.next_power_of_2(num_experts)
-    if block is None:
-        block = max(64, min(ROUTING_BLOCK, ONE_HOT_ELEMENTS // experts_pad))
+    block = _default_block(experts_pad) if block is None else block
     num_blocks = triton.cdiv(tokens, block)
+    if blocks_chunk is None:
+        blocks_chunk = max(1, min(triton.next_power_of_2(num_blocks), COUNTS_ELEMENTS // experts_pad))
     block_counts = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=device)
-    _routing_count_kernel[(num_blocks,)](
-        block_counts, modality, tokens, NUM_EXPERTS=num_experts, EXPERTS_PAD=experts_pad, BLOCK=block
-    )
+    flags = dict(NUM_EXPERTS=num_experts, EXPERTS_PAD=experts_pad, BLOCK=block)
+    _routing_count_kernel[(num_blocks,)](block_counts, modality, tokens, **flags)
     _routing_scatter_kernel[(num_blocks,)](
-        perm,
-        inv_perm,
-        offsets,
-        modality,
-        block_counts,
-        tokens,
-        num_blocks,
-        NUM_EXPERTS=num_experts,
-        EXPERTS_PAD=experts_pad,
-        BLOCKS_PAD=triton.next_power_of_2(num_blocks),
-        BLOCK=block,
+        perm, inv_perm, offsets, modality, block_counts, tokens, num_blocks, BLOCKS_CHUNK=blocks_chunk, **flags
     )
     return perm, inv_perm, offsets
+
+
+def modality_routing(modality: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Launcher of the routing contract: the stable expert-sorted order of the tokens, int32 on modality's device.
+
+    modality: ``(T,)`` int64, contiguous, ids in ``[0, num_experts)``; ``1 <= num_experts <= MAX_EXPERTS``.
+    """
+    if modality.dim() != 1 or modality.dtype != torch.int64:
+        raise ValueError(f"modality must be a 1-D int64 tensor, got shape {tuple(modality.shape)}, {modality.dtype}")
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts must be in [1, {MAX_EXPERTS}] for the Triton routing, got {num_experts}")
+    return counting_sort(modality.contiguous(), num_experts)
 
 
 def _aot_specs() -> list[AotSpec]:
@@ -143,9 +158,9 @@ def _aot_specs() -> list[AotSpec]:
                 _routing_scatter_kernel,
                 {"perm": "*i32", "inv_perm": "*i32", "offsets": "*i32", "modality": "*i64", "block_counts": "*i32"}
                 | {"T": "i32", "num_blocks": "i32"}
-                | {"NUM_EXPERTS": "constexpr", "EXPERTS_PAD": "constexpr", "BLOCKS_PAD": "constexpr"}
+                | {"NUM_EXPERTS": "constexpr", "EXPERTS_PAD": "constexpr", "BLOCKS_CHUNK": "constexpr"}
                 | {"BLOCK": "constexpr"},
-                {"NUM_EXPERTS": experts, "EXPERTS_PAD": pad, "BLOCKS_PAD": 16, "BLOCK": ROUTING_BLOCK},
+                {"NUM_EXPERTS": experts, "EXPERTS_PAD": pad, "BLOCKS_CHUNK": 16, "BLOCK": ROUTING_BLOCK},
             )
         )
     return specs

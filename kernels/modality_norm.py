@@ -7,20 +7,27 @@ rstd (fp32) for backward. Moves ``2·T·D`` elements plus ``E·D`` parameters.
 Backward: the same row tiling gives ``dx`` row by row; ``dgamma``/``dbeta`` are
 accumulated per expert in registers (``E_PAD x BLOCK_D``) over a group of rows per
 program and written as fp32 partial sums ``(groups, E, D)`` that the launcher
-adds up: deterministic, no atomics. Moves ``3·T·D`` elements.
+adds up: deterministic, no atomics. Moves ``3·T·D`` elements. The accumulators bound ``E x D`` (``MAX_PARAMS``).
+
+Every loaded tile goes through ``widen_bf16_in_interpreter`` (bf16 arithmetic is wrong in the interpreter). The
+launchers of the backend contract are in ``mome.kernels.modality``.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from mome.kernels._common import TRITON_TYPE, interpreting, multiprocessors, pointer_type
+from mome.kernels._common import widen_bf16_in_interpreter as widen
 from mome.kernels.aot import AotSpec
+from mome.kernels.modality_gemm import narrow
 from torch import Tensor
 
 MAX_ROW = 65536  # a whole row is one tile
+# E x D of the gamma table: the backward holds two (padded E, padded D) fp32 accumulators per program, and a Triton
+# tensor has at most 2**20 elements; padding at most doubles each side.
+MAX_PARAMS = 2**18
 
 
 @triton.jit
@@ -45,16 +52,16 @@ def _modality_layer_norm_fwd_kernel(
     col_mask = cols < D
     mask = row_mask[:, None] & col_mask[None, :]
     offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    values = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+    values = widen(tl.load(x + offsets, mask=mask, other=0.0)).to(tl.float32)
     mean = tl.sum(values, axis=1) / D
     centered = tl.where(mask, values - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
     expert = tl.load(modality + rows, mask=row_mask, other=0)
     param_offsets = expert[:, None] * D + cols[None, :]
-    out = centered * rstd[:, None] * tl.load(weight + param_offsets, mask=mask, other=0.0).to(tl.float32)
+    out = centered * rstd[:, None] * widen(tl.load(weight + param_offsets, mask=mask, other=0.0)).to(tl.float32)
     if HAS_BIAS:
-        out += tl.load(bias + param_offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y + offsets, out.to(y.dtype.element_ty), mask=mask)
+        out += widen(tl.load(bias + param_offsets, mask=mask, other=0.0)).to(tl.float32)
+    tl.store(y + offsets, narrow(out, y.dtype.element_ty), mask=mask)
     tl.store(mean_out + rows, mean, mask=row_mask)
     tl.store(rstd_out + rows, rstd, mask=row_mask)
 
@@ -92,19 +99,19 @@ def _modality_layer_norm_bwd_kernel(
         row_mask = rows < group_end
         mask = row_mask[:, None] & col_mask[None, :]
         offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        values = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
-        grad = tl.load(dy + offsets, mask=mask, other=0.0).to(tl.float32)
+        values = widen(tl.load(x + offsets, mask=mask, other=0.0)).to(tl.float32)
+        grad = widen(tl.load(dy + offsets, mask=mask, other=0.0)).to(tl.float32)
         row_mean = tl.load(mean + rows, mask=row_mask, other=0.0)
         row_rstd = tl.load(rstd + rows, mask=row_mask, other=0.0)
         expert = tl.load(modality + rows, mask=row_mask, other=-1).to(tl.int32)
-        gamma = tl.load(weight + expert[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gamma = widen(tl.load(weight + expert[:, None] * D + cols[None, :], mask=mask, other=0.0)).to(tl.float32)
         normed = tl.where(mask, (values - row_mean[:, None]) * row_rstd[:, None], 0.0)
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * gamma
         scaled = grad * gamma
         mean_scaled = tl.sum(scaled, axis=1) / D
         mean_scaled_normed = tl.sum(scaled * normed, axis=1) / D
         grad_x = row_rstd[:, None] * (scaled - mean_scaled[:, None] - normed * mean_scaled_normed[:, None])
-        tl.store(dx + offsets, grad_x.to(dx.dtype.element_ty), mask=mask)
+        tl.store(dx + offsets, narrow(grad_x, dx.dtype.element_ty), mask=mask)
         grad_normed = grad * normed
         for e in tl.static_range(NUM_EXPERTS):
             mine = (expert == e)[:, None]
@@ -120,10 +127,6 @@ def _modality_layer_norm_bwd_kernel(
         tl.store(dbias_partial + partial_offsets, dbias_acc, mask=partial_mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _row_tiling(d: int, *, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps): whole rows per tile, 4K elements per program forward; backward holds ~6 such
     tiles and two (E_PAD, BLOCK_D) accumulators, so half the rows and twice the warps."""
@@ -134,24 +137,9 @@ def _row_tiling(d: int, *, backward: bool = False) -> tuple[int, int, int]:
     return block_m, block_d, num_warps
 
 
-# --- launchers of the backend contract (mome/ops/_reference_backend.py) ---
-
-
-def unsupported_reason(op: str, **inputs) -> str | None:
-    x = inputs.get("x")
-    if x is None:
-        return None
-    if x.dtype == torch.float64:
-        return "the Triton multiway LayerNorm runs fp32, fp16 and bf16, not float64"
-    if x.dtype == torch.bfloat16 and _interpreting():
-        return "bf16 arithmetic is wrong in the Triton interpreter (bf16 runs on GPU only)"
-    return None
-
-
-def modality_layer_norm_fwd(x: Tensor, modality: Tensor, weight: Tensor, bias: Tensor | None, *, eps: float):
+def layer_norm_forward(x: Tensor, modality: Tensor, weight: Tensor, bias: Tensor | None, eps: float):
+    """``(y, mean, rstd)``: y in x's dtype, the statistics fp32. x ``(T, D)`` with ``1 <= D <= MAX_ROW``."""
     tokens, d = x.shape
-    if d > MAX_ROW:
-        raise ValueError(f"x rows must have at most {MAX_ROW} elements for the Triton multiway LayerNorm, got {d}")
     y = torch.empty_like(x)
     mean = torch.empty(tokens, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
@@ -159,30 +147,20 @@ def modality_layer_norm_fwd(x: Tensor, modality: Tensor, weight: Tensor, bias: T
         return y, mean, rstd
     block_m, block_d, num_warps = _row_tiling(d)
     _modality_layer_norm_fwd_kernel[(triton.cdiv(tokens, block_m),)](
-        y,
-        mean,
-        rstd,
-        x,
-        modality,
-        weight,
-        weight if bias is None else bias,
-        tokens,
-        d,
-        eps,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+        y, mean, rstd, x, modality, weight, weight if bias is None else bias,
+        tokens, d, eps,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
     return y, mean, rstd
 
 
-def modality_layer_norm_bwd(dy, x, modality, weight, bias, mean, rstd, *, eps):
+def layer_norm_backward(dy, x, modality, weight, bias, mean, rstd):
+    """``(dx, dweight, dbias)`` (dbias None without a bias); an expert without tokens gets zero gradients."""
     tokens, d = x.shape
     num_experts = weight.shape[0]
     dx = torch.empty_like(x)
     block_m, block_d, num_warps = _row_tiling(d, backward=True)
-    max_groups = 16 if _interpreting() else 2 * _multiprocessors(x.device)
+    max_groups = 16 if interpreting() else 2 * multiprocessors(x.device)
     groups = max(1, min(max_groups, triton.cdiv(tokens, block_m)))
     rows_per_group = max(1, triton.cdiv(triton.cdiv(tokens, groups), block_m)) * block_m
     groups = max(1, triton.cdiv(tokens, rows_per_group))
@@ -191,45 +169,26 @@ def modality_layer_norm_bwd(dy, x, modality, weight, bias, mean, rstd, *, eps):
         partial.zero_()
     else:
         _modality_layer_norm_bwd_kernel[(groups,)](
-            dx,
-            partial[0],
-            partial[-1],
-            dy,
-            x,
-            modality,
-            weight,
-            mean,
-            rstd,
-            tokens,
-            d,
-            rows_per_group,
-            NUM_EXPERTS=num_experts,
-            EXPERTS_PAD=triton.next_power_of_2(num_experts),
-            HAS_BIAS=bias is not None,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
+            dx, partial[0], partial[-1], dy, x, modality, weight, mean, rstd,
+            tokens, d, rows_per_group,
+            NUM_EXPERTS=num_experts, EXPERTS_PAD=triton.next_power_of_2(num_experts), HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )  # fmt: skip
     dweight = partial[0].sum(dim=0).to(weight.dtype)
     dbias = partial[1].sum(dim=0).to(weight.dtype) if bias is not None else None
     return dx, dweight, dbias
 
 
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # --- ahead-of-time compile specs (python -m mome.kernels.aot) ---
 
-_TRITON_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    for name, pointer in _TRITON_DTYPES.items():
-        for d in (768, 1024) if name == "bf16" else (1024,):
+    for dtype in _AOT_DTYPES:
+        name, pointer = TRITON_TYPE[dtype], pointer_type(dtype)
+        for d in (768, 1024) if dtype == torch.bfloat16 else (1024,):
             block_m, block_d, num_warps = _row_tiling(d)
             bwd_block_m, _, bwd_num_warps = _row_tiling(d, backward=True)
             specs.append(
