@@ -24,6 +24,7 @@ def _no_id_checks_while_timing():
     with settings.override(check_ids=settings.check_ids(when_unset=False)):
         yield
 
+
 _ROWS: list[dict] = []
 
 

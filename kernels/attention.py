@@ -287,8 +287,8 @@ def _attention_fwd_kernel(
             visible = _visible(rows, cols, shift, prefix, key_ok, key_modality, row_bits, True, CAUSAL, HAS_MODALITY)
             if tl.max(visible.to(tl.int32)) > 0:
                 acc, m_i, l_i, seen_bad = _fwd_tile(
-                    acc, m_i, l_i, seen_bad, q, k_base, v_base, start_n, rows, row_ok, offs_n, offs_d, nk, shift, prefix,
-                    scale_log2, key_ok, key_modality, row_bits,
+                    acc, m_i, l_i, seen_bad, q, k_base, v_base, start_n, rows, row_ok, offs_n, offs_d, nk, shift,
+                    prefix, scale_log2, key_ok, key_modality, row_bits,
                     HEAD_DIM, BLOCK_D, True, True, CAUSAL, HAS_MODALITY, DOT_PRECISION,
                 )  # fmt: skip
     else:  # tiles fully visible under the structure (no mask arithmetic), then the partially visible band

@@ -200,6 +200,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
 # ---------------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs: each dtype, head dims 64 and 128, with and without grouped-query heads.
 
+
 def _decode_specs(dtype: torch.dtype, head_dim: int, group: int) -> list[AotSpec]:
     t = pointer_type(dtype)
     tag = f"{TRITON_TYPE[dtype]}_d{head_dim}_g{group}"

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from mome.ops import attention, decode_attention
+from mome.ops import attention, decode_attention, modality_ffn, modality_layer_norm, modality_linear
 
 Q = torch.randn(1, 2, 5, 8)
 
@@ -69,3 +69,18 @@ def test_meta_tensors_go_through_the_fake_implementations():
     q, cache = torch.empty(2, 4, 8, device="meta"), torch.empty(2, 2, 6, 8, device="meta")
     out = decode_attention(q, cache, cache, torch.empty(2, dtype=torch.int64, device="meta"))
     assert out.shape == q.shape and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("eps", ["0.5", None, True, float("nan"), 0.0, -1e-5])
+def test_layer_norm_eps(eps):
+    x, ids, weight = torch.randn(3, 4), torch.tensor([0, 1, 0]), torch.ones(2, 4)
+    error = ValueError if isinstance(eps, float) else TypeError
+    _raises(error, "eps", lambda: modality_layer_norm(x, ids, weight, eps=eps))
+
+
+def test_modality_ops_on_meta_tensors():
+    x, ids = torch.empty(5, 8, device="meta"), torch.empty(5, dtype=torch.int64, device="meta")
+    w1, w2 = torch.empty(3, 6, 8, device="meta"), torch.empty(3, 4, 6, device="meta")
+    assert modality_linear(x, ids, w1, activation="gelu").shape == (5, 6)
+    assert modality_ffn(x, ids, w1, None, w2, None).shape == (5, 4)
+    assert modality_layer_norm(x, ids, torch.empty(3, 8, device="meta")).shape == (5, 8)

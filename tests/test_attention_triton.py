@@ -15,8 +15,8 @@ import torch
 
 from mome.ops import BackendUnavailableError, attention
 from mome.ops.attention import AttentionMasks
-from mome.reference.attention import attention_fwd as reference_fwd
 from mome.reference import attention_ref
+from mome.reference.attention import attention_fwd as reference_fwd
 from tests.helpers import TOLERANCE, assert_close
 
 triton_attention = pytest.importorskip("mome.kernels.attention")

@@ -451,7 +451,7 @@ def test_attention_empty_batch_or_tokens(backend):
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("scale_given", [False, True])
 def test_attention_head_dim_zero(backend, scale_given):
-    """D = 0 is a valid (empty) shape: an empty output, or a clear ValueError naming the head dim / q."""
+    """D = 0: an empty output, or a clear ValueError naming the head dim (never a ZeroDivisionError)."""
     q, k = torch.randn(1, 2, 3, 0, device=DEVICE), torch.randn(1, 2, 4, 0, device=DEVICE)
     try:
         out = ops.attention(q, k, k, scale=0.5 if scale_given else None, backend=backend)

@@ -134,3 +134,12 @@ def poison_where(out: Tensor, bad: Tensor | None) -> Tensor:
     if bad is None:
         return out
     return torch.where(bad, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
+
+
+def check_positive_float(name: str, value) -> float:
+    """A real number > 0 (an int is fine; bool, str, None and NaN are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive real number, got {type(value).__name__} {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return float(value)

@@ -21,6 +21,7 @@ from mome.ops._validate import (
     check_choice,
     check_float,
     check_ids,
+    check_positive_float,
     check_same,
     check_shape,
     check_tensor,
@@ -554,10 +555,9 @@ def modality_layer_norm(
         check_same("bias", bias, "x", x)
         check_shape("bias", bias, weight.shape, "(the shape of weight)")
         bias = bias.contiguous()
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    eps = check_positive_float("eps", eps)
     check_backend(backend)
     if transforms_active():
-        return _specification(modality_layer_norm_ref, x, modality, weight, bias, float(eps))
-    out, _mean, _rstd = _layer_norm_fwd(x.contiguous(), modality, weight.contiguous(), bias, float(eps), backend)
+        return _specification(modality_layer_norm_ref, x, modality, weight, bias, eps)
+    out, _mean, _rstd = _layer_norm_fwd(x.contiguous(), modality, weight.contiguous(), bias, eps, backend)
     return out  # [T, D]
