@@ -1,9 +1,10 @@
 """Helpers every Triton kernel module shares; kernel modules import this (and ``aot``) and nothing else of mome.
 
 bf16 under the interpreter, one policy for every kernel: the interpreter keeps bf16 as raw 16-bit words and runs
-numpy on them, so bf16 arithmetic is wrong there (loads, stores and casts are right). Kernels pass every loaded
-tile through :func:`widen_bf16_in_interpreter`, which widens bf16 to fp32 when interpreting and is the identity in
-compiled code, where bf16 operands go to the tensor cores as they are.
+numpy on them, so bf16 arithmetic is wrong there (loads and stores are right; fp32 -> bf16 casts truncate instead of
+rounding). Kernels pass every loaded tile through :func:`widen_bf16_in_interpreter`, which widens bf16 to fp32 when
+interpreting, and round fp32 results back through :func:`narrow` where rounding matters (a chain of GEMMs); both
+are the identity (a plain cast) in compiled code, where bf16 operands go to the tensor cores as they are.
 """
 
 from __future__ import annotations
@@ -20,15 +21,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_WIDEN_BF16 = tl.constexpr(interpreting())
+_INTERPRETING = tl.constexpr(interpreting())
 
 
 @triton.jit
 def widen_bf16_in_interpreter(x):
-    if _WIDEN_BF16:
+    if _INTERPRETING:
         if x.dtype == tl.bfloat16:
             x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def narrow(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` for fp32 ``x``, rounded to nearest even as compiled code rounds. Triton's interpreter
+    truncates fp32 -> bf16 (even when asked for "rtne"): a bias of half a bf16 ulp on every value, which triples
+    the error of a bf16 GEMM chain. There the rounding is done on the bits first (NaN and inf stay)."""
+    if _INTERPRETING:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 # torch dtype -> the element type triton's signatures and AOT specs name

@@ -26,30 +26,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mome.kernels._common import TRITON_TYPE, dot_precision, interpreting, padded_dim, pointer_type
+from mome.kernels._common import TRITON_TYPE, dot_precision, interpreting, narrow, padded_dim, pointer_type
 from mome.kernels._common import widen_bf16_in_interpreter as widen
 from mome.kernels.aot import AotSpec
 from torch import Tensor
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-_ROUND_BF16 = tl.constexpr(interpreting())
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _TANH_CUBIC = tl.constexpr(0.044715)
-
-
-@triton.jit
-def narrow(x, dtype: tl.constexpr):
-    """``x.to(dtype)`` for fp32 ``x``, rounded to nearest even as compiled code rounds. Triton's interpreter
-    truncates fp32 -> bf16 (even when asked for "rtne"): a bias of half a bf16 ulp on every value, which triples
-    the error of a bf16 GEMM chain. There the rounding is done on the bits first (NaN and inf stay)."""
-    if _ROUND_BF16:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

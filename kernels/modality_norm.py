@@ -18,10 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mome.kernels._common import TRITON_TYPE, interpreting, multiprocessors, pointer_type
+from mome.kernels._common import TRITON_TYPE, interpreting, multiprocessors, narrow, pointer_type
 from mome.kernels._common import widen_bf16_in_interpreter as widen
 from mome.kernels.aot import AotSpec
-from mome.kernels.modality_gemm import narrow
 from torch import Tensor
 
 MAX_ROW = 65536  # a whole row is one tile
