@@ -190,6 +190,14 @@ class OpBackends:
     def reason(self, backend: str, inputs: dict) -> str | None:
         """Why ``backend`` cannot run these inputs, or None when it can."""
         dtype, device, sizes = self.measure(inputs)
+        why = self.environment_reason(backend, device)
+        if why is not None:
+            return why
+        return limits_reason(self.loaded(backend)[1], self.family, dtype, device, sizes) or None
+
+    def environment_reason(self, backend: str, device: torch.device) -> str | None:
+        """Why ``backend`` cannot run on ``device`` whatever the inputs (no implementation, wrong device, not
+        importable, an extension that is not built), or None."""
         if backend not in self.modules:
             return f"mome has no {backend} implementation of {self.op}"
         why = device_reason(backend, device)
@@ -198,12 +206,8 @@ class OpBackends:
         loaded = self.loaded(backend)
         if isinstance(loaded, str):
             return loaded
-        module, limits = loaded
-        available = getattr(module, "available", None)
-        why = available(device) if available is not None else None
-        if why:
-            return why
-        return limits_reason(limits, self.family, dtype, device, sizes) or None
+        available = getattr(loaded[0], "available", None)
+        return (available(device) if available is not None else None) or None
 
     def choose(self, backend: str, inputs: dict) -> tuple[str, ModuleType]:
         """The backend to run and its module; ``auto`` takes the first that can run the inputs."""
@@ -240,18 +244,7 @@ class OpBackends:
 
     def report(self, device: torch.device) -> dict[str, str | None]:
         """Per backend, None when it is usable on ``device`` or the reason it is not (``python -m mome info``)."""
-        report = {}
-        for backend in BACKENDS:
-            why = device_reason(backend, device) if backend in self.modules else None
-            if why is None:
-                loaded = self.loaded(backend)
-                if isinstance(loaded, str):
-                    why = loaded
-                else:
-                    available = getattr(loaded[0], "available", None)
-                    why = (available(device) if available is not None else None) or None
-            report[backend] = why
-        return report
+        return {backend: self.environment_reason(backend, device) for backend in BACKENDS}
 
 
 def check_backend(backend: str) -> None:

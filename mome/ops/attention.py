@@ -8,14 +8,13 @@ import torch
 from torch import Tensor
 
 from mome.ops._backend import Family, OpBackends, check_backend
-from mome.ops._functorch import compute_dtype, transforms_active
+from mome.ops._functorch import transforms_active
 from mome.ops._validate import (
     INT_DTYPES,
     check_bool,
     check_bool_flag,
     check_device,
     check_float,
-    check_int_range,
     check_same,
     check_scale,
     check_shape,
@@ -24,6 +23,7 @@ from mome.ops._validate import (
     ids_for_launch,
     poison_where,
 )
+from mome.reference._launch import compute_dtype
 from mome.reference.attention import attention_ref
 
 
@@ -105,8 +105,10 @@ def _attention_fwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    bad_batch = None
-    if modality is not None:  # here, not in attention(): this runs eagerly even in compiled code
+    bad_batch = None  # the id checks run here, not in attention(): this runs eagerly even in compiled code
+    if prefix_len is not None:  # a negative length would only mean "no prefix": with checks off it becomes 0
+        prefix_len, _ = ids_for_launch("prefix_len", prefix_len, 0, 2**62, "a number of keys")
+    if modality is not None:
         modality, bad = ids_for_launch("modality", modality, 0, modality_mask.shape[0] - 1, "rows of modality_mask")
         bad_batch = None if bad is None else bad.any(dim=1)[:, None, None, None]  # [B, 1, 1, 1]
     masks = AttentionMasks(causal, key_padding_mask, prefix_len, modality, modality_mask)
@@ -169,8 +171,7 @@ def _per_batch_ints(name: str, value, batch: int, device: torch.device) -> Tenso
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
         return torch.full((batch,), value, dtype=torch.int64, device=device)
-    check_tensor(name, value, dtypes=INT_DTYPES)
-    check_int_range(name, value, 0, 2**62, "a number of keys")
+    check_tensor(name, value, dtypes=INT_DTYPES)  # its values are checked inside the custom op
     if value.dim() == 0:
         value = value.expand(batch)
     check_shape(name, value, (batch,), "(one entry per batch element)")
@@ -180,7 +181,7 @@ def _per_batch_ints(name: str, value, batch: int, device: torch.device) -> Tenso
 
 def _specification(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, scale: float) -> Tensor:
     """The plain-PyTorch path under torch.func transforms (see mome/ops/_functorch.py)."""
-    dtype = compute_dtype(q.dtype)
+    dtype = compute_dtype(q)
     out = attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale, **masks._asdict())
     return out.to(q.dtype)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mome.ops._backend import Family, OpBackends, check_backend
-from mome.ops._functorch import compute_dtype, transforms_active
+from mome.ops._functorch import transforms_active
 from mome.ops._validate import (
     INT_DTYPES,
     check_device,
@@ -22,8 +22,7 @@ from mome.ops._validate import (
     ids_for_launch,
     poison_where,
 )
-from mome.reference.decode import decode_attention_ref
-from mome.settings import check_ids
+from mome.reference.decode import decode_attention_fwd as reference_decode_fwd
 
 
 class DecodeBackend(Protocol):
@@ -122,9 +121,6 @@ def decode_attention(
     cache_seqlens = cache_seqlens.contiguous()
     check_backend(backend)
     if transforms_active():  # torch.func: the specification (see mome/ops/_functorch.py)
-        if check_ids():
-            check_int_range("cache_seqlens", cache_seqlens, 0, nmax, "the cache holds Nmax entries")
-        dtype = compute_dtype(q.dtype)
-        out = decode_attention_ref(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), cache_seqlens, scale=scale)
-        return out.to(q.dtype)
+        check_int_range("cache_seqlens", cache_seqlens, 0, nmax, "the cache holds Nmax entries")
+        return reference_decode_fwd(q, k_cache, v_cache, cache_seqlens, scale)
     return _decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_seqlens, scale, backend)

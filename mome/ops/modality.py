@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mome import settings
 from mome.ops._backend import Family, OpBackends, check_backend
-from mome.ops._functorch import compute_dtype, transforms_active
+from mome.ops._functorch import transforms_active
 from mome.ops._validate import (
     INT_DTYPES,
     check_choice,
@@ -28,6 +28,7 @@ from mome.ops._validate import (
     ids_for_launch,
     poison_where,
 )
+from mome.reference._launch import compute_dtype
 from mome.reference.modality import ACTIVATIONS, modality_ffn_ref, modality_layer_norm_ref, modality_linear_ref
 
 
@@ -447,7 +448,7 @@ def _expert_linear(weight_name: str, bias_name: str, x: Tensor, weight, bias, di
 
 def _specification(spec, x: Tensor, *args, **kwargs) -> Tensor:
     """The plain-PyTorch path under torch.func transforms (see mome/ops/_functorch.py): half precision through fp32."""
-    dtype = compute_dtype(x.dtype)
+    dtype = compute_dtype(x)
     wide = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
     return spec(x.to(dtype), *wide, **kwargs).to(x.dtype)
 
