@@ -26,21 +26,24 @@ class AttentionShape:
     heads: int
     seq: int
     head_dim: int
-    mask: str  # none | causal | prefix (prefix-LM: bidirectional prefix, causal after) | padding
-    prefix: int = 0  # prefix-LM: image tokens every query sees; padding: the shortest key length
+    mask: str  # none | causal | prefix (prefix-LM: bidirectional prefix, causal after) | padding | modality
+    prefix: int = 0  # prefix-LM: image tokens every query sees; padding: the shortest key length; modality: images
     subsets: frozenset = frozenset({"full"})
 
 
 def _shapes() -> dict[str, AttentionShape]:
     shapes = {}
-    for mask in ("none", "causal", "prefix", "padding"):
+    for mask in ("none", "causal", "prefix", "padding", "modality"):
         shapes[f"tiny-{mask}"] = AttentionShape(1, 2, 37, 16, mask, prefix=20, subsets=frozenset({"tiny"}))
-    quick = {"fa-s2048-d128-none", "fa-s2048-d128-causal", "vlm237-none", "vlm237-prefix", "vlm237-padding"}
-    for mask in ("none", "prefix", "padding"):
+    quick = {"fa-s2048-d128-none", "fa-s2048-d128-causal", "vlm237-none", "vlm237-prefix", "vlm237-padding",
+             "vlm237-modality", "vlm641-padding", "vlm641-modality"}  # fmt: skip
+    for mask in ("none", "prefix", "padding", "modality"):
         name = f"vlm237-{mask}"
         subsets = frozenset({"full", "quick"} if name in quick else {"full"})
         shapes[name] = AttentionShape(128, 12, 197 + 40, 64, mask, prefix=197, subsets=subsets)
-        shapes[f"vlm641-{mask}"] = AttentionShape(64, 16, 577 + 64, 64, mask, prefix=577)
+        name = f"vlm641-{mask}"
+        subsets = frozenset({"full", "quick"} if name in quick else {"full"})
+        shapes[name] = AttentionShape(64, 16, 577 + 64, 64, mask, prefix=577, subsets=subsets)
     for seq in (512, 1024, 2048, 4096, 8192):
         for head_dim in (64, 128):
             for mask in ("none", "causal"):
@@ -65,7 +68,17 @@ def mask_arguments(shape: AttentionShape, device) -> dict:
     if shape.mask == "padding":
         positions = torch.arange(shape.seq, device=device)
         return dict(key_padding_mask=positions[None, :] >= key_lengths(shape, device)[:, None])
+    if shape.mask == "modality":  # VLMo's packed image + text: images see images, text sees everything
+        return dict(modality=modality_ids(shape, device), modality_mask=MODALITY_MASK.to(device))
     return {}
+
+
+MODALITY_MASK = torch.tensor([[True, False], [True, True]])  # [query modality, key modality]; 0 image, 1 text
+
+
+def modality_ids(shape: AttentionShape, device) -> torch.Tensor:
+    """``(B, N)``: the first ``prefix`` tokens are image (0), the rest text (1)."""
+    return (torch.arange(shape.seq, device=device) >= shape.prefix).long().expand(shape.batch, -1).contiguous()
 
 
 def visibility(shape: AttentionShape, device) -> torch.Tensor:
@@ -87,6 +100,9 @@ def density(shape: AttentionShape) -> float:
         return visible / (n * n)
     if shape.mask == "padding":
         return float(key_lengths(shape, "cpu").double().mean()) / n
+    if shape.mask == "modality":
+        p = shape.prefix
+        return (p * p + (n - p) * n) / (n * n)
     return 1.0
 
 
@@ -128,7 +144,7 @@ def _sdpa(kind: str) -> Provider:
         if backend is None:
             raise Unavailable(f"this torch has no SDPBackend.{SDPA_BACKENDS[kind]}")
         causal = shape.mask == "causal"
-        dense = visibility(shape, device) if shape.mask in ("prefix", "padding") else None
+        dense = visibility(shape, device) if shape.mask in ("prefix", "padding", "modality") else None
         if dense is not None:
             notes["mask"] = "dense bool (B, 1, N, N)"
 
@@ -178,7 +194,10 @@ def _flex_setup(shape, inputs, device, mode, notes):
     def padding(b, h, q_idx, kv_idx):
         return kv_idx < lengths[b]
 
-    mask_mod = {"causal": causal, "prefix": prefix_lm, "padding": padding}.get(shape.mask)
+    def modality(b, h, q_idx, kv_idx):  # the same table as MODALITY_MASK: text queries, or image keys
+        return (q_idx >= prefix) | (kv_idx < prefix)
+
+    mask_mod = {"causal": causal, "prefix": prefix_lm, "padding": padding, "modality": modality}.get(shape.mask)
     block_mask = None
     if mask_mod is not None:
         torch.cuda.synchronize()

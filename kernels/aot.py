@@ -9,6 +9,12 @@ that ships with triton.
 Run it with the interpreter off (``TRITON_INTERPRET`` unset or 0)::
 
     python -m mome.kernels.aot [--arch 80 90] [--json PATH]
+    python -m mome.kernels.aot --check [--json PATH]
+
+``--check`` is the gate on the generated code (``mome.kernels.gate``): it compiles the launches the kernel
+modules' own launch plans make for a list of real shapes, and fails when a 16-bit kernel on sm_90 lowers a
+product to ``mma.sync``, computes a product twice, has a main loop without asynchronous copies, or spills past
+the budget written beside its configuration. It is a proxy for speed read from the compiled code, not a timing.
 """
 
 from __future__ import annotations
@@ -19,31 +25,11 @@ import json
 import os
 import pkgutil
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass, field
 
-KERNEL_MODULES_PACKAGE = "mome.kernels"
+from mome.kernels._compile import KERNEL_MODULES_PACKAGE, AotSpec, GateCase, compile_kernel, cuobjdump
 
-
-@dataclass(frozen=True)
-class AotSpec:
-    """One compile: ``signature`` maps every argument to a Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``,
-    ``"constexpr"``); ``constexprs`` gives the constexpr values.
-
-    Like Triton's launch-time specialisation, every pointer is taken as 16-byte aligned (torch allocations
-    are); ``divisible_by_16`` names the integer arguments (sizes, strides) to specialise the same way.
-    """
-
-    name: str
-    fn: object
-    signature: dict[str, str]
-    constexprs: dict[str, object] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
-    divisible_by_16: tuple[str, ...] = ()
+__all__ = ["AotSpec", "GateCase", "collect_specs", "compile_spec", "main"]
 
 
 def collect_specs(package: str = KERNEL_MODULES_PACKAGE) -> list[AotSpec]:
@@ -51,44 +37,22 @@ def collect_specs(package: str = KERNEL_MODULES_PACKAGE) -> list[AotSpec]:
     root = importlib.import_module(package)
     specs: list[AotSpec] = []
     for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda m: m.name):
-        if info.name == "aot":
+        if info.name.startswith("_") or info.name in ("aot", "gate"):
             continue
         module = importlib.import_module(f"{package}.{info.name}")
         specs.extend(getattr(module, "AOT_SPECS", []))
     return specs
 
 
-def _cuobjdump() -> str | None:
-    """The cuobjdump that ships inside triton's NVIDIA backend, else one on the PATH."""
-    import triton
-
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return bundled if os.access(bundled, os.X_OK) else shutil.which("cuobjdump")
-
-
 def _registers(cubin: bytes) -> int | None:
-    tool = _cuobjdump()
-    if tool is None:
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(cubin)
-        handle.flush()
-        report = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True)
-    match = re.search(r"REG:(\d+)", report.stdout)
+    report = cuobjdump(cubin, "--dump-resource-usage")
+    match = re.search(r"REG:(\d+)", report or "")
     return int(match.group(1)) if match else None
 
 
 def compile_spec(spec: AotSpec, arch: int) -> dict:
     """Compile one spec for ``sm_<arch>``; returns its resource use."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    aligned = [name for name, kind in spec.signature.items() if kind.startswith("*")] + list(spec.divisible_by_16)
-    attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = compile_kernel(spec, arch)
     return {
         "name": spec.name,
         "arch": f"sm_{arch}",
@@ -103,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--json", help="write the resource report here")
+    parser.add_argument("--check", action="store_true", help="run the generated-code gate instead")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU target", file=sys.stderr)
         return 2
+    if args.check:
+        from mome.kernels.gate import run_gate
+
+        return run_gate(args.json)
     rows, failures = [], []
     for spec in collect_specs():
         for arch in args.arch:

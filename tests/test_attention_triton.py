@@ -158,9 +158,51 @@ def test_scale_and_empty_key_sequence():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("scale", [-0.3, float("inf")])
+def test_a_scale_that_is_not_positive_and_finite_takes_the_plain_product(scale):
+    (q, k, v), masks = make_case(1, 2, 2, 40, 70, 32, torch.float32, causal=True, padding="random")
+    out = attention(q, k, v, scale=scale, backend="triton", **masks)
+    expected = attention_ref(q.double(), k.double(), v.double(), scale=scale, **masks)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected).to(out.device))
+    finite = ~torch.isnan(expected)
+    assert_close(out[finite], expected[finite], 1e-5, "out")
+
+
+# (multiprocessors, which sm_90 variant): none at all makes every grid "big enough"; a huge count makes every grid
+# too small, so the 64-row variants run.
+HOPPER_TARGETS = {"128-row tiles, 8 warps": 0, "64-row tiles, 4 warps": 10**6}
+
+
+@pytest.mark.parametrize("target", HOPPER_TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "name", ["causal_padding_n64", "prefix_padding_modality_gqa", "cross_nq17_nk64_d128", "modality_split_n250"]
+)
+def test_the_sm90_plan_matches_reference(monkeypatch, name, dtype, target):
+    """The sm_90 launch plan (tensor descriptors, 128-row or 64-row tiles) run by the interpreter."""
+    monkeypatch.setattr(triton_attention, "_target", lambda device: (90, HOPPER_TARGETS[target]))
+    batch, heads, kv_heads, nq, nk, dim, options = CASES[name]
+    tensors, masks = make_case(batch, heads, kv_heads, nq, nk, dim, dtype, **options)
+    shape = triton_attention._shape(*tensors)
+    assert shape.use_tma and shape.arch == 90
+    check_against_reference(tensors, masks, dtype)
+
+
+def test_visible_keys_only_in_partial_tiles():
+    """Every key tile holds a padded key, so no tile is full: the whole result comes from the masked loop."""
+    (q, k, v), masks = make_case(2, 2, 1, 70, 150, 64, torch.float16)
+    masks["key_padding_mask"] = (torch.arange(150) % 7 == 3).expand(2, -1).contiguous().to(DEVICE)
+    pointers, flags = triton_attention._mask_arguments(q, AttentionMasks(**masks))
+    shape = triton_attention._shape(q, k)
+    plan = triton_attention.forward_plan(shape, flags, 0.125)
+    _full, _partial, counts = triton_attention._run_schedule(plan["schedule"], pointers, q.device, shape)
+    assert counts[..., 0].sum() == 0 and (counts[..., 1] > 0).all()
+    check_against_reference((q, k, v), masks, torch.float16)
+
+
 def test_declines_what_it_cannot_run_with_a_reason():
     (q, k, v), _ = make_case(1, 1, 1, 4, 4, 16, torch.float64)
-    with pytest.raises(BackendUnavailableError, match="got float64; the reference backend can"):
+    with pytest.raises(BackendUnavailableError, match="got float64; the reference( and native)? backends? can"):
         attention(q, k, v, backend="triton")
     (q, k, v), _ = make_case(1, 1, 1, 4, 4, 160, torch.float32)
     with pytest.raises(BackendUnavailableError, match=r"head_dim \(D, the last dim of q\) in \[1, 128\], got 160"):
@@ -189,7 +231,7 @@ def test_aot_compiles_for_sm80_and_sm90():
         from mome.kernels import attention
         from mome.kernels.aot import compile_spec
         for spec in attention.AOT_SPECS:
-            if spec.name == "attention_fwd_bf16_d64_all_masks":
+            if spec.name.startswith("attention_fwd_bf16_d64_ckpm_"):
                 for arch, shared_limit in ((80, 163 * 1024), (90, 227 * 1024)):
                     row = compile_spec(spec, arch)
                     assert row["shared_bytes"] <= shared_limit, row
