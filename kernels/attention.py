@@ -13,6 +13,7 @@ of 0. Configurations come from ``attention_configs`` (per architecture, dtype cl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import triton
 from mome.kernels._common import TRITON_TYPE, dot_precision, padded_dim, pointer_type
-from mome.kernels.aot import AotSpec, GateCase
+from mome.kernels._compile import AotSpec, GateCase
+from mome.kernels._plan import GATE_TARGETS, Launch, install_allocator, target
 from mome.kernels.attention_bwd import attention_bwd_delta_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from mome.kernels.attention_configs import DELTA_BLOCK_M, SAFE_PASS_SPILLS, TileConfig, tile_config
 from mome.kernels.attention_fwd import attention_fwd_kernel
@@ -76,24 +78,12 @@ class Shape:
         return self.arch == 90 and self.aligned and row_bytes % 16 == 0
 
 
-@dataclass(frozen=True)
-class KernelLaunch:
-    """One kernel of a plan: what the launcher runs and what the gate compiles."""
-
-    name: str
-    kernel: object
-    grid: tuple[int, ...]
-    signature: dict[str, str]  # the runtime arguments' Triton types, in order
-    constexprs: dict[str, object]
-    config: TileConfig
-
-    def spec(self, tag: str) -> AotSpec:
-        signature = {**self.signature, **{name: "constexpr" for name in self.constexprs}}
-        return AotSpec(f"{self.name}_{tag}", self.kernel, signature, self.constexprs, self.config.num_warps,
-                       self.config.num_stages)  # fmt: skip
+def _launch(name: str, kernel, grid, signature: dict, constexprs: dict, config: TileConfig) -> Launch:
+    return Launch(name, kernel, grid, signature, constexprs, config.num_warps, config.num_stages,
+                  spill_budget=config.spill_budget)  # fmt: skip
 
 
-def _schedule_launch(shape: Shape, flags: dict, config: TileConfig, *, key_stationary: bool) -> KernelLaunch:
+def _schedule_launch(shape: Shape, flags: dict, config: TileConfig, *, key_stationary: bool) -> Launch:
     query_tiles, key_tiles = triton.cdiv(shape.nq, config.block_m), triton.cdiv(shape.nk, config.block_n)
     signature = dict(Full="*i32", Partial="*i32", Counts="*i32", **_MASK_POINTERS, nq="i32", nk="i32")
     tiles = tiles_bound(shape.nq, shape.nk, config.block_m, config.block_n)
@@ -102,7 +92,7 @@ def _schedule_launch(shape: Shape, flags: dict, config: TileConfig, *, key_stati
                       KEY_STATIONARY=key_stationary, **flags)  # fmt: skip
     grid = (key_tiles if key_stationary else query_tiles, shape.batch)
     name = "attention_schedule_by_key" if key_stationary else "attention_schedule_by_query"
-    return KernelLaunch(name, attention_schedule_kernel, grid, signature, constexprs, TileConfig(0, 0, 4, 1))
+    return _launch(name, attention_schedule_kernel, grid, signature, constexprs, TileConfig(0, 0, 4, 1))
 
 
 def _common_constexprs(shape: Shape, flags: dict, config: TileConfig) -> dict:
@@ -114,7 +104,7 @@ def _tail_constexprs(shape: Shape) -> dict:
     return dict(USE_TMA=shape.use_tma, DOT_PRECISION=dot_precision(shape.dtype, fp32_accurate=True))
 
 
-def forward_plan(shape: Shape, flags: dict, scale: float) -> dict[str, KernelLaunch]:
+def forward_plan(shape: Shape, flags: dict, scale: float) -> dict[str, Launch]:
     """The forward's launches: the schedule (padding or modality ids only), then the kernel."""
     t = pointer_type(shape.dtype)
     config = tile_config("fwd", shape.arch, shape.sixteen_bit, shape.block_d, shape.nq, shape.batch * shape.heads,
@@ -130,10 +120,10 @@ def forward_plan(shape: Shape, flags: dict, scale: float) -> dict[str, KernelLau
     grid = (triton.cdiv(shape.nq, config.block_m), shape.batch * shape.heads)
     check = hides_real_keys(flags)
     fast = dict(constexprs, SAFE=False, CHECK_FINITE=check)
-    plan["fwd"] = KernelLaunch("attention_fwd", attention_fwd_kernel, grid, signature, fast, config)
+    plan["fwd"] = _launch("attention_fwd", attention_fwd_kernel, grid, signature, fast, config)
     if check:
         safe = dict(constexprs, SAFE=True, CHECK_FINITE=False)
-        plan["fwd_safe"] = KernelLaunch("attention_fwd_safe", attention_fwd_kernel, grid, signature, safe,
+        plan["fwd_safe"] = _launch("attention_fwd_safe", attention_fwd_kernel, grid, signature, safe,
                                         config._replace(spill_budget=SAFE_PASS_SPILLS))  # fmt: skip
     return plan
 
@@ -144,12 +134,12 @@ def hides_real_keys(flags: dict) -> bool:
     return flags["CAUSAL"] or flags["HAS_PADDING"] or flags["HAS_MODALITY"]
 
 
-def backward_plan(shape: Shape, flags: dict) -> dict[str, KernelLaunch]:
+def backward_plan(shape: Shape, flags: dict) -> dict[str, Launch]:
     """The backward's launches: Δ, the schedules (padding or modality ids only), dK/dV, dQ."""
     t = pointer_type(shape.dtype)
     plan = {}
     rows_total = shape.batch * shape.heads * shape.nq
-    plan["delta"] = KernelLaunch(
+    plan["delta"] = _launch(
         "attention_bwd_delta", attention_bwd_delta_kernel, (triton.cdiv(rows_total, DELTA_BLOCK_M),),
         dict(Delta="*fp32", Out=t, DOut=t, rows_total="i32"),
         dict(HEAD_DIM=shape.head_dim, BLOCK_D=shape.block_d, BLOCK_M=DELTA_BLOCK_M), TileConfig(DELTA_BLOCK_M, 0, 4, 1),
@@ -164,7 +154,7 @@ def backward_plan(shape: Shape, flags: dict) -> dict[str, KernelLaunch]:
         plan["schedule_dkdv"] = _schedule_launch(shape, flags, dkdv, key_stationary=True)
         plan["schedule_dq"] = _schedule_launch(shape, flags, dq, key_stationary=False)
     dkdv_grid = (triton.cdiv(shape.nk, dkdv.block_n), shape.batch * shape.kv_heads)
-    plan["dkdv"] = KernelLaunch(
+    plan["dkdv"] = _launch(
         "attention_bwd_dkdv", attention_bwd_dkdv_kernel, dkdv_grid,
         dict(DK=t, DV=t, Q=t, K=t, V=t, DOut=t, Lse="*fp32", Delta="*fp32", **_MASK_POINTERS, **_SCHEDULE_POINTERS,
              **_SIZES, **scalars),
@@ -175,10 +165,10 @@ def backward_plan(shape: Shape, flags: dict) -> dict[str, KernelLaunch]:
                         **_SCHEDULE_POINTERS, Flags="*i32", **_SIZES, **scalars)  # fmt: skip
     dq_constexprs = {**_common_constexprs(shape, flags, dq), **_tail_constexprs(shape)}
     check = hides_real_keys(flags)
-    plan["dq"] = KernelLaunch("attention_bwd_dq", attention_bwd_dq_kernel, dq_grid, dq_signature,
+    plan["dq"] = _launch("attention_bwd_dq", attention_bwd_dq_kernel, dq_grid, dq_signature,
                               dict(dq_constexprs, SAFE=False, CHECK_FINITE=check), dq)  # fmt: skip
     if check:
-        plan["dq_safe"] = KernelLaunch("attention_bwd_dq_safe", attention_bwd_dq_kernel, dq_grid, dq_signature,
+        plan["dq_safe"] = _launch("attention_bwd_dq_safe", attention_bwd_dq_kernel, dq_grid, dq_signature,
                                        dict(dq_constexprs, SAFE=True, CHECK_FINITE=False),
                                        dq._replace(spill_budget=SAFE_PASS_SPILLS))  # fmt: skip
     return plan
@@ -188,26 +178,9 @@ def backward_plan(shape: Shape, flags: dict) -> dict[str, KernelLaunch]:
 # Launchers (the attention family's contract, AttentionBackend).
 
 
-def _target(device: torch.device) -> tuple[int, int]:
-    """``(arch, multiprocessors)`` of the device the launch runs on; the interpreter plans as sm_80."""
-    if device.type != "cuda":
-        return 80, 108
-    major, _minor = torch.cuda.get_device_capability(device)
-    return (90 if major == 9 else 80), torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.cache
-def _install_allocator() -> None:
-    """Device-side tensor descriptors (TMA) need a global scratch allocator; install one unless the user has."""
-    from triton.runtime import _allocation
-
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        triton.set_allocator(lambda size, _alignment, _stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
 def _shape(q: Tensor, k: Tensor, *tensors: Tensor) -> Shape:
     batch, heads, nq, head_dim = q.shape
-    arch, multiprocessors = _target(q.device)
+    arch, multiprocessors = target(q.device)
     aligned = all(t.data_ptr() % 16 == 0 for t in (q, k, *tensors))
     return Shape(batch, heads, k.shape[1], nq, k.shape[2], head_dim, q.dtype, arch, multiprocessors, aligned)
 
@@ -239,12 +212,7 @@ def _mask_arguments(q: Tensor, masks) -> tuple[tuple[Tensor, ...], dict]:
     return pointers, flags
 
 
-def _run(launch: KernelLaunch, *arguments) -> None:
-    launch.kernel[launch.grid](*arguments, **launch.constexprs, num_warps=launch.config.num_warps,
-                               num_stages=launch.config.num_stages)  # fmt: skip
-
-
-def _run_schedule(launch: KernelLaunch | None, mask_pointers, device: torch.device, shape: Shape):
+def _run_schedule(launch: Launch | None, mask_pointers, device: torch.device, shape: Shape):
     """The schedule's three tensors, or placeholders when the plan has none."""
     if launch is None:
         placeholder = _placeholders(device)[2]
@@ -254,7 +222,7 @@ def _run_schedule(launch: KernelLaunch | None, mask_pointers, device: torch.devi
     full = torch.empty((shape.batch, stationary, triton.cdiv(others, block)), dtype=torch.int32, device=device)
     partial = torch.empty_like(full)
     counts = torch.empty((shape.batch, stationary, 2), dtype=torch.int32, device=device)
-    _run(launch, full, partial, counts, *mask_pointers, shape.nq, shape.nk)
+    launch(full, partial, counts, *mask_pointers, shape.nq, shape.nk)
     return full, partial, counts
 
 
@@ -269,17 +237,17 @@ def attention_fwd(q, k, v, masks, scale):
     shape = _shape(q, k, v, out)
     plan = forward_plan(shape, flags, scale)
     if shape.use_tma:
-        _install_allocator()
+        install_allocator()
     schedule = _run_schedule(plan.get("schedule"), pointers, q.device, shape)
     arguments = (*pointers, *schedule, _finite_flags(plan["fwd"], q.device), heads, heads // shape.kv_heads, nq,
                  shape.nk, scale * LOG2E)  # fmt: skip
-    _run(plan["fwd"], out, lse, q, k, v, *arguments)
+    plan["fwd"](out, lse, q, k, v, *arguments)
     if "fwd_safe" in plan:  # recomputes exactly the tiles whose fast output is not finite; the others exit at once
-        _run(plan["fwd_safe"], out, lse, q, k, v, *arguments)
+        plan["fwd_safe"](out, lse, q, k, v, *arguments)
     return out, lse
 
 
-def _finite_flags(launch: KernelLaunch, device: torch.device) -> Tensor:
+def _finite_flags(launch: Launch, device: torch.device) -> Tensor:
     """One int32 per program of a fast launch that checks its output (set: not finite), else a placeholder."""
     if not launch.constexprs["CHECK_FINITE"]:
         return _placeholders(device)[2]
@@ -297,17 +265,17 @@ def attention_bwd(dout, q, k, v, out, lse, masks, scale):
     shape = _shape(q, k, v, dout, dq, dk, dv)
     plan = backward_plan(shape, flags)
     if shape.use_tma:
-        _install_allocator()
+        install_allocator()
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
-    _run(plan["delta"], delta, out, dout, batch * heads * nq)
+    plan["delta"](delta, out, dout, batch * heads * nq)
     sizes = (heads, heads // shape.kv_heads, nq, shape.nk, scale, scale * LOG2E)
     schedule = _run_schedule(plan.get("schedule_dkdv"), pointers, q.device, shape)
-    _run(plan["dkdv"], dk, dv, q, k, v, dout, lse, delta, *pointers, *schedule, *sizes)
+    plan["dkdv"](dk, dv, q, k, v, dout, lse, delta, *pointers, *schedule, *sizes)
     schedule = _run_schedule(plan.get("schedule_dq"), pointers, q.device, shape)
     arguments = (dq, q, k, v, dout, lse, delta, *pointers, *schedule, _finite_flags(plan["dq"], q.device), *sizes)
-    _run(plan["dq"], *arguments)
+    plan["dq"](*arguments)
     if "dq_safe" in plan:
-        _run(plan["dq_safe"], *arguments)
+        plan["dq_safe"](*arguments)
     return dq, dk, dv
 
 
@@ -332,7 +300,6 @@ GATE_MASKS = {
     "modality": dict(CAUSAL=False, HAS_PADDING=True, HAS_PREFIX=False, HAS_MODALITY=True),
     "all": dict(CAUSAL=True, HAS_PADDING=True, HAS_PREFIX=True, HAS_MODALITY=True),
 }
-GATE_TARGETS = ((90, 132), (80, 108))  # (arch, multiprocessors): H100/H200 and A100
 # Which (arch, dtype) pairs the gate compiles for which mask kinds: every mask in bf16 on sm_90, where the rules
 # apply; fp16 lowers to the same instructions, so its rows are a spot check; sm_80 and fp32 only show that the
 # plans compile (the rules are about Hopper's 16-bit instructions).
@@ -351,8 +318,8 @@ def gate_cases() -> list[GateCase]:
     cases = []
     for label, batch, heads, kv_heads, length, head_dim in GATE_SHAPES:
         for arch, multiprocessors in GATE_TARGETS:
-            for (target, dtype), masks in GATE_DTYPES.items():
-                if target != arch:
+            for (planned_arch, dtype), masks in GATE_DTYPES.items():
+                if planned_arch != arch:
                     continue
                 shape = Shape(batch, heads, kv_heads, length, length, head_dim, dtype, arch, multiprocessors)
                 for mask in masks:
@@ -361,20 +328,23 @@ def gate_cases() -> list[GateCase]:
                     for launch in plan.values():
                         if launch.kernel is attention_schedule_kernel:
                             continue
-                        spec = launch.spec(launch_tag(launch, TRITON_TYPE[dtype]))
-                        cases.append(GateCase(spec, arch, shape.sixteen_bit, f"{label}, {mask}",
-                                              launch.config.spill_budget))  # fmt: skip
+                        cases.append(_tagged(launch, dtype).gate_case(arch, dtype, f"{label}, {mask}"))
     return cases
 
 
-def launch_tag(launch: KernelLaunch, dtype_name: str) -> str:
+def _tagged(launch: Launch, dtype: torch.dtype) -> Launch:
+    """The launch named for reports: kernel, dtype and the constexprs that change its code."""
+    return dataclasses.replace(launch, name=f"{launch.name}_{launch_tag(launch, TRITON_TYPE[dtype])}")
+
+
+def launch_tag(launch: Launch, dtype_name: str) -> str:
     """A compile's name: dtype, head dim, masks (causal, key padding, prefix, modality), tiles, warps, stages."""
     c = launch.constexprs
     masks = "".join(letter for flag, letter in MASK_LETTERS.items() if c.get(flag))
     head = f"_d{c['HEAD_DIM']}" if "HEAD_DIM" in c else ""
     tiles = f"{c.get('BLOCK_M', 0)}x{c.get('BLOCK_N', 0)}" + (f"t{c['TILES']}" if "TILES" in c else "")
     tma = "_tma" if c.get("USE_TMA") else ""
-    return f"{dtype_name}{head}_{masks or 'none'}_{tiles}_w{launch.config.num_warps}s{launch.config.num_stages}{tma}"
+    return f"{dtype_name}{head}_{masks or 'none'}_{tiles}_w{launch.num_warps}s{launch.num_stages}{tma}"
 
 
 # The plain compile check (``python -m mome.kernels.aot``) compiles a few representative plans for each arch.
@@ -394,7 +364,7 @@ def _aot_specs() -> list[AotSpec]:
         shape = Shape(16, 12, 12, 1024, 1024, head_dim, dtype, 80, 108)
         flags = GATE_MASKS[mask]
         for launch in {**forward_plan(shape, flags, 0.125), **backward_plan(shape, flags)}.values():
-            spec = launch.spec(launch_tag(launch, TRITON_TYPE[dtype]))
+            spec = _tagged(launch, dtype).spec()
             if spec.name not in seen:
                 seen.add(spec.name)
                 specs.append(spec)

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 from mome.kernels._common import TRITON_TYPE, dot_precision, padded_dim, pointer_type, widen_bf16_in_interpreter
-from mome.kernels.aot import AotSpec
+from mome.kernels._plan import GATE_TARGETS, Launch, divisible_by_16, target
+from mome.kernels.aot import AotSpec, GateCase
 
 LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 128
@@ -160,16 +161,82 @@ def _launch_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2 * target(device)[1]
     return 8  # the interpreter: a handful of splits exercises the combine without slowing the tests
 
 
 def _num_splits(batch: int, kv_heads: int, nmax: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """(splits, entries per split): enough programs to fill the device, each a whole number of tiles."""
+    return _splits(batch, kv_heads, nmax, block_n, _target_programs(device))
+
+
+def _splits(batch: int, kv_heads: int, nmax: int, block_n: int, programs: int) -> tuple[int, int]:
     tiles = max(1, triton.cdiv(nmax, block_n))
-    splits = min(MAX_SPLITS, tiles, max(1, triton.cdiv(_target_programs(device), batch * kv_heads)))
+    splits = min(MAX_SPLITS, tiles, max(1, triton.cdiv(programs, batch * kv_heads)))
     chunk = triton.cdiv(tiles, splits) * block_n
     return triton.cdiv(max(nmax, 1), chunk), chunk
+
+
+# Why the split kernel keeps mma.sync on sm_90 (the gate allows it with this reason): wgmma needs 64 query rows per
+# warpgroup, and a program holds one key/value group's query heads (1-64, padded to 16). The kernel is memory-bound
+# (each cache entry read once for 2 x GROUP_PAD x D multiply-adds, far below either instruction's rate), so its
+# speed is the cache read: the cp.async pipeline that the gate checks.
+SPLIT_MMA_SYNC_REASON = "memory-bound decode: one KV group's 1-64 query heads per program, under wgmma's 64 rows"
+
+
+def decode_plan(arch: int, dtype: torch.dtype, batch: int, heads: int, kv_heads: int, nmax: int, head_dim: int,
+                programs: int) -> tuple[Launch, Launch, int]:  # fmt: skip
+    """``(split, combine, chunk)``; ``programs``: how many the device wants in flight (2 per SM). The same tiles on
+    sm_80 and sm_90: a memory-bound kernel sized for bytes in flight, not for the tensor-core shape."""
+    block_n, num_warps = _launch_config(dtype, head_dim)
+    num_splits, chunk = _splits(batch, kv_heads, nmax, block_n, programs)
+    group = heads // kv_heads
+    t = pointer_type(dtype)
+    tag = f"{TRITON_TYPE[dtype]}_d{head_dim}_g{group}"
+    split_signature = dict(
+        PartOut="*fp32",
+        PartLse="*fp32",
+        Q=t,
+        KCache=t,
+        VCache=t,
+        CacheSeqlens="*i32",
+        heads="i32",
+        kv_heads="i32",
+        nmax="i32",
+        chunk="i32",
+        num_splits="i32",
+        scale_log2="fp32",
+    )
+    split_constexprs = dict(
+        GROUP=group,
+        GROUP_PAD=_group_pad(group),
+        HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim),
+        BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(dtype),
+    )
+    sizes = divisible_by_16(heads=heads, kv_heads=kv_heads, nmax=nmax, chunk=chunk, num_splits=num_splits)
+    split = Launch(
+        f"decode_split_n{block_n}_{tag}",
+        _decode_attention_split_kernel,
+        (num_splits, batch * kv_heads),
+        split_signature,
+        split_constexprs,
+        num_warps,
+        3,
+        sizes,
+        mma_sync_reason=SPLIT_MMA_SYNC_REASON,
+    )
+    block_splits = max(2, triton.next_power_of_2(num_splits))
+    combine = Launch(
+        f"decode_combine_s{block_splits}_{tag}",
+        _decode_attention_combine_kernel,
+        (batch * heads,),
+        dict(Out=t, PartOut="*fp32", PartLse="*fp32", num_splits="i32"),
+        dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SPLITS=block_splits),
+        divisible_by_16=divisible_by_16(num_splits=num_splits),
+    )
+    return split, combine, chunk  # fmt: skip
 
 
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
@@ -179,56 +246,53 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    block_n, num_warps = _launch_config(q.dtype, head_dim)
-    num_splits, chunk = _num_splits(batch, kv_heads, nmax, block_n, q.device)
+    split, combine, chunk = decode_plan(target(q.device)[0], q.dtype, batch, heads, kv_heads, nmax, head_dim,
+                                        _target_programs(q.device))  # fmt: skip
+    num_splits = split.grid[0]
     part_out = torch.empty((batch, heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, heads, num_splits), dtype=torch.float32, device=q.device)
-    group = heads // kv_heads
-    _decode_attention_split_kernel[(num_splits, batch * kv_heads)](
-        part_out, part_lse, q, k_cache, v_cache, cache_seqlens,
-        heads, kv_heads, nmax, chunk, num_splits, scale * LOG2E,
-        GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=3,
-    )  # fmt: skip
-    _decode_attention_combine_kernel[(batch * heads,)](
-        out, part_out, part_lse, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
-    )  # fmt: skip
+    split(part_out, part_lse, q, k_cache, v_cache, cache_seqlens, heads, kv_heads, nmax, chunk, num_splits,
+          scale * LOG2E)  # fmt: skip
+    combine(out, part_out, part_lse, num_splits)
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs: each dtype, head dims 64 and 128, with and without grouped-query heads.
+# The gate (``python -m mome.kernels.aot --check``) and the plain compile check: captioning decoders' caches.
+
+GATE_SHAPES = (  # (label, batch, heads, kv_heads, head dim)
+    ("BEiT-3 base decoder", 32, 12, 12, 64),
+    ("large, GQA 4", 8, 16, 4, 128),
+    ("GQA 8, one sequence", 1, 32, 4, 128),
+)
+GATE_CONTEXTS = (256, 4096, 32768)
+GATE_DTYPES = {90: (torch.bfloat16, torch.float16, torch.float32), 80: (torch.bfloat16,)}
 
 
-def _decode_specs(dtype: torch.dtype, head_dim: int, group: int) -> list[AotSpec]:
-    t = pointer_type(dtype)
-    tag = f"{TRITON_TYPE[dtype]}_d{head_dim}_g{group}"
-    split_signature = dict(
-        PartOut="*fp32", PartLse="*fp32", Q=t, KCache=t, VCache=t, CacheSeqlens="*i32",
-        heads="i32", kv_heads="i32", nmax="i32", chunk="i32", num_splits="i32", scale_log2="fp32",
-        GROUP="constexpr", GROUP_PAD="constexpr", HEAD_DIM="constexpr", BLOCK_D="constexpr", BLOCK_N="constexpr",
-        DOT_PRECISION="constexpr",
-    )  # fmt: skip
-    block_n, num_warps = _launch_config(dtype, head_dim)
-    split_constexprs = dict(
-        GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(dtype),
-    )  # fmt: skip
-    combine_signature = dict(
-        Out=t, PartOut="*fp32", PartLse="*fp32", num_splits="i32",
-        HEAD_DIM="constexpr", BLOCK_D="constexpr", BLOCK_SPLITS="constexpr",
-    )  # fmt: skip
-    combine_constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SPLITS=16)
-    return [
-        AotSpec(f"decode_split_{tag}", _decode_attention_split_kernel, split_signature, split_constexprs, num_warps, 3),
-        AotSpec(f"decode_combine_{tag}", _decode_attention_combine_kernel, combine_signature, combine_constexprs),
-    ]
+def gate_cases() -> list[GateCase]:
+    cases = []
+    for arch, sms in GATE_TARGETS:
+        for dtype in GATE_DTYPES[arch]:
+            shapes = GATE_SHAPES if dtype == torch.bfloat16 else GATE_SHAPES[1:2]  # fp16, fp32: a spot check
+            for label, batch, heads, kv_heads, head_dim in shapes:
+                for context in GATE_CONTEXTS:
+                    for launch in decode_plan(arch, dtype, batch, heads, kv_heads, context, head_dim, 2 * sms)[:2]:
+                        cases.append(launch.gate_case(arch, dtype, f"{label}, context {context}"))
+    return cases
 
 
-AOT_SPECS = [
-    *_decode_specs(torch.float16, 128, 8),
-    *_decode_specs(torch.bfloat16, 64, 1),
-    *_decode_specs(torch.bfloat16, 128, 4),
-    *_decode_specs(torch.float32, 128, 1),
-]
+def _aot_specs() -> list[AotSpec]:
+    shapes = (
+        (torch.float16, 8, 64, 128),
+        (torch.bfloat16, 8, 8, 64),
+        (torch.bfloat16, 8, 32, 128),
+        (torch.float32, 8, 8, 128),
+    )  # (dtype, kv heads, heads, head dim): groups 8, 1, 4, 1
+    specs = []
+    for dtype, kv_heads, heads, head_dim in shapes:
+        split, combine, _ = decode_plan(80, dtype, 4, heads, kv_heads, 4096, head_dim, 216)
+        specs += [split.spec(), combine.spec()]
+    return specs  # fmt: skip
+
+
+AOT_SPECS = _aot_specs()

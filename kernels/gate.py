@@ -156,7 +156,7 @@ def _distinct(cases: list[GateCase]) -> dict[tuple, tuple[GateCase, list[str]]]:
     for case in cases:
         spec = case.spec
         key = (spec.fn.__name__, tuple(spec.signature.items()), tuple(sorted(spec.constexprs.items())),
-               spec.num_warps, spec.num_stages, case.arch)  # fmt: skip
+               spec.num_warps, spec.num_stages, tuple(sorted(spec.divisible_by_16)), case.arch)  # fmt: skip
         distinct.setdefault(key, (case, []))[1].append(case.uses)
     return distinct
 

@@ -20,6 +20,14 @@ make the whole backward; otherwise a column kernel gives ``d columns`` for onlin
 columns (then ``alpha == 0``: distillation needs momentum columns, which are constants).
 No atomics: partial sums are reduced by torch in a fixed order, so the gradients are
 deterministic.
+
+Options (constexpr flags, so the kernels without them are what they were): SMOOTH, label smoothing as
+``F.cross_entropy`` smooths (targets ``(1 - ε)·t + ε/N``: the forward also sums each row's logits, the
+backward shifts the target by ``ε/N``); SIGMOID, SigLIP's loss ``Σ_j softplus(∓(logit + bias))`` per
+row (− on positives), with no log-sum-exp at all: the forward sums softplus over the column tiles, the
+backward's ``dlogits = sigmoid(logit + bias) − [positive]``, and ``d bias`` beside ``d scale``. Hard
+negatives drawn against other columns than the loss's (BLIP's online similarities) are one more
+forward pass, with mining only, over those batch columns.
 """
 
 from __future__ import annotations
@@ -30,22 +38,21 @@ import torch
 import triton
 import triton.language as tl
 from mome.kernels._common import (
+    SIXTEEN_BIT,
     TRITON_TYPE,
     accumulator_type,
     dot_precision,
-    interpreting,
     padded_dim,
     pointer_type,
     widen_bf16_in_interpreter,
 )
-from mome.kernels.aot import AotSpec
+from mome.kernels._plan import Launch, divisible_by_16, target
+from mome.kernels.aot import AotSpec, GateCase
+from mome.kernels.itc_configs import FEATURE_SLICE, ItcConfig, feature_blocks, itc_config
 from torch import Tensor
 
 MINE_NONE, MINE_SAMPLE, MINE_HARDEST = 0, 1, 2
 _MINING = {None: MINE_NONE, "sample": MINE_SAMPLE, "hardest": MINE_HARDEST}
-# Launch shapes, the same as the AOT specs compile (GPU tuning pending: see benchmarks/NOTES-itc.md).
-FWD_LAUNCH = {"num_warps": 8, "num_stages": 3}
-BWD_LAUNCH = {"num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
@@ -72,6 +79,35 @@ def _similarity_tile(
 
 
 @triton.jit
+def _softplus(x):
+    """``log(1 + exp(x))``, stable for large ``|x|`` and exact where ``exp(-|x|)`` is tiny: ``log1p(u)`` as
+    ``u · log(w) / (w - 1)``, ``w = 1 + u`` (Goldberg's correction; libdevice's log1p is not there under the
+    interpreter, and plain ``log(1 + u)`` loses every digit of a negative pair's small loss)."""
+    u = tl.exp(-tl.abs(x))
+    w = 1.0 + u
+    rounded_to_one = w == 1.0
+    log1p = tl.where(rounded_to_one, u, u * tl.log(w) / tl.where(rounded_to_one, 1.0, w - 1.0))
+    return tl.maximum(x, 0.0) + log1p
+
+
+@triton.jit
+def _sigmoid(x):
+    """``1 / (1 + exp(-x))`` from ``exp(-|x|)``: no overflow on either side."""
+    u = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + u), u / (1.0 + u))
+
+
+@triton.jit
+def _params(params_ptr, SIGMOID: tl.constexpr, DISTILL: tl.constexpr, SMOOTH: tl.constexpr, ACC: tl.constexpr):
+    """(scale, bias, alpha, smoothing) from the launch's parameter vector; only what the flags use is read."""
+    scale = tl.load(params_ptr).to(ACC)
+    bias = tl.load(params_ptr + 1).to(ACC) if SIGMOID else 0.0
+    alpha = tl.load(params_ptr + 2).to(ACC) if DISTILL else 0.0
+    smoothing = tl.load(params_ptr + 3).to(ACC) if SMOOTH else 0.0
+    return scale, bias, alpha, smoothing
+
+
+@triton.jit
 def _column_pointers(cols_ptr, queue_ptr, offs_n, B, D):
     """Row pointers of the columns ``[batch; queue]`` without concatenating them."""
     in_batch = offs_n < B
@@ -95,16 +131,20 @@ def _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS:
 @triton.jit
 def _itc_fwd_kernel(
     row_loss_ptr, lse_ptr, lse_m_ptr, neg_idx_ptr,
-    rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, scale_ptr,
-    M, B, Q, D, row_offset, seed, direction, alpha,
+    rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, params_ptr,
+    M, B, Q, D, row_offset, seed, direction,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, MINING: tl.constexpr,
+    SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program per BLOCK_M of the M rows; streams all B + Q columns once (and the momentum tile with it).
 
     The rows are global rows ``[row_offset, row_offset + M)`` of the batch the B columns belong to
     (the whole batch: M == B, row_offset == 0); the Gumbel noise is keyed by the global row index.
+    ``params_ptr``: (scale, bias, alpha, smoothing) in the accumulator dtype (runtime float arguments would be
+    fp32). SIGMOID: the row loss is the softplus sum and nothing goes to ``lse_ptr``.
+    Mining scores are ``scale · similarity`` without the bias (a row's softmax and arg-max ignore it).
     """
     pid = tl.program_id(0)
     N = B + Q
@@ -114,9 +154,11 @@ def _itc_fwd_kernel(
     rows_block, rows_m_block = rows_ptr + block_start, rows_m_ptr + block_start
     row_valid = offs_m < M
     row_ids = tl.load(row_ids_ptr + offs_m, mask=row_valid, other=-2)
-    scale = tl.load(scale_ptr).to(ACC)
+    scale, bias, alpha, smoothing = _params(params_ptr, SIGMOID, DISTILL, SMOOTH, ACC)
     neg_inf = float("-inf")
 
+    sig_sum = tl.zeros((BLOCK_M,), ACC)  # sigmoid loss: Σ softplus(∓(logit + bias))
+    logit_sum = tl.zeros((BLOCK_M,), ACC)  # label smoothing: Σ logits over the N columns
     run_max = tl.full((BLOCK_M,), neg_inf, ACC)
     run_sum = tl.zeros((BLOCK_M,), ACC)
     pos_logits = tl.zeros((BLOCK_M,), ACC)
@@ -136,13 +178,20 @@ def _itc_fwd_kernel(
             rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
         )
         logits = tl.where(col_valid[None, :], raw * scale, neg_inf)
-        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
-        run_max = new_max
-        finite_logits = tl.where(col_valid[None, :], logits, 0.0)
         positive = _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS)
-        pos_logits += tl.sum(tl.where(positive, finite_logits, 0.0), axis=1)
-        pos_count += tl.sum(positive.to(ACC), axis=1)
+        if SIGMOID:
+            # -logsigmoid(label · z) = softplus(-label · z): no cancellation against the positives' logits
+            z = raw * scale + bias
+            sig_sum += tl.sum(tl.where(col_valid[None, :], _softplus(tl.where(positive, -z, z)), 0.0), axis=1)
+        else:
+            new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+            run_max = new_max
+            finite_logits = tl.where(col_valid[None, :], logits, 0.0)
+            pos_logits += tl.sum(tl.where(positive, finite_logits, 0.0), axis=1)
+            pos_count += tl.sum(positive.to(ACC), axis=1)
+            if SMOOTH:
+                logit_sum += tl.sum(finite_logits, axis=1)
         if DISTILL:
             raw_m = _similarity_tile(
                 rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
@@ -175,25 +224,77 @@ def _itc_fwd_kernel(
                 best_idx = tl.where(better, tile_idx, best_idx)
                 best_score = tl.where(better, tile_best, best_score)
 
-    lse = run_max + tl.log(run_sum)
-    target_logits = pos_logits / tl.maximum(pos_count, 1.0)  # padding rows have none
-    if DISTILL:
-        target_logits = (1.0 - alpha) * target_logits + alpha * (m_dot / m_sum)
-        tl.store(lse_m_ptr + offs_m, m_max + tl.log(m_sum), mask=row_valid)
-    tl.store(row_loss_ptr + offs_m, lse - target_logits, mask=row_valid)
-    tl.store(lse_ptr + offs_m, lse, mask=row_valid)
+    if SIGMOID:
+        tl.store(row_loss_ptr + offs_m, sig_sum, mask=row_valid)
+    else:
+        lse = run_max + tl.log(run_sum)
+        target_logits = pos_logits / tl.maximum(pos_count, 1.0)  # padding rows have none
+        if DISTILL:
+            target_logits = (1.0 - alpha) * target_logits + alpha * (m_dot / m_sum)
+            tl.store(lse_m_ptr + offs_m, m_max + tl.log(m_sum), mask=row_valid)
+        if SMOOTH:  # targets (1 - ε)·t + ε/N: Σ target · logits = (1 - ε)·(Σ t · logits) + ε · mean(logits)
+            target_logits = (1.0 - smoothing) * target_logits + smoothing * (logit_sum / N)
+        tl.store(row_loss_ptr + offs_m, lse - target_logits, mask=row_valid)
+        tl.store(lse_ptr + offs_m, lse, mask=row_valid)
     if MINING != 0:
         best_idx = tl.where(undefined > 0, -1, best_idx)
         tl.store(neg_idx_ptr + offs_m, best_idx.to(tl.int64), mask=row_valid)
 
 
 @triton.jit
+def _itc_fwd_both_kernel(
+    row_loss_ptr, lse_ptr, col_max_ptr, col_sum_ptr,
+    rows_ptr, cols_ptr, params_ptr, B, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Plain CLIP (whole batch, pair j's positive is column j only, no queue, no options): both directions in one
+    pass. Per row (i2t) the loss and log-sum-exp, as ``_itc_fwd_kernel``; per column tile the partial (max, Σexp)
+    of its logits over this program's BLOCK_M rows, stored at ``[pid, column]``: the launcher combines the
+    ``cdiv(B, BLOCK_M)`` partials of each column into the t2i log-sum-exp in a fixed order (no atomics).
+    """
+    pid = tl.program_id(0)
+    block_rows = tl.arange(0, BLOCK_M)
+    offs_m = pid * BLOCK_M + block_rows
+    rows_block = rows_ptr + (pid * BLOCK_M).to(tl.int64) * D
+    row_valid = offs_m < B
+    scale = tl.load(params_ptr).to(ACC)
+    neg_inf = float("-inf")
+    run_max = tl.full((BLOCK_M,), neg_inf, ACC)
+    run_sum = tl.zeros((BLOCK_M,), ACC)
+    pos_logits = tl.zeros((BLOCK_M,), ACC)
+    partials = pid.to(tl.int64) * B
+    for start in range(0, B, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_valid = offs_n < B
+        col_ptrs = cols_ptr + offs_n.to(tl.int64) * D
+        raw = _similarity_tile(
+            rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
+        )
+        logits = raw * scale
+        by_row = tl.where(col_valid[None, :], logits, neg_inf)
+        new_max = tl.maximum(run_max, tl.max(by_row, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(by_row - new_max[:, None]), axis=1)
+        run_max = new_max
+        pos_logits += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], logits, 0.0), axis=1)
+        by_column = tl.where(row_valid[:, None], logits, neg_inf)  # every block has a valid row: a finite max
+        column_max = tl.max(by_column, axis=0)
+        column_sum = tl.sum(tl.exp(by_column - column_max[None, :]), axis=0)
+        tl.store(col_max_ptr + partials + offs_n, column_max, mask=col_valid)
+        tl.store(col_sum_ptr + partials + offs_n, column_sum, mask=col_valid)
+    lse = run_max + tl.log(run_sum)
+    tl.store(row_loss_ptr + offs_m, lse - pos_logits, mask=row_valid)
+    tl.store(lse_ptr + offs_m, lse, mask=row_valid)
+
+
+@triton.jit
 def _itc_bwd_rows_kernel(
-    d_rows_ptr, d_scale_ptr,
-    rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, scale_ptr, lse_ptr, lse_m_ptr,
-    pos_count_ptr, grad_ptr, lse_t_ptr, grad_t_ptr, M, B, Q, D, alpha,
+    d_rows_ptr, d_scale_ptr, d_bias_ptr,
+    rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, params_ptr, lse_ptr, lse_m_ptr,
+    pos_count_ptr, grad_ptr, lse_t_ptr, grad_t_ptr, M, B, Q, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
     HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, TRANSPOSED: tl.constexpr,
+    SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, HALF_RANGE: tl.constexpr,
 ):  # fmt: skip
     """Program (row block, feature slice): ``d rows[:, slice] = scale · Σ_j dlogits[:, j] · columns[j, slice]``.
@@ -204,7 +305,9 @@ def _itc_bwd_rows_kernel(
     tile transposed): the other direction's ``dlogits[j, i]`` (its lse ``lse_t``, gradient
     ``grad_t``) is added for batch columns, which gives these rows their gradient as the other
     direction's columns in the same pass; ``d scale`` counts only this direction's term (then M == B).
-    The loss is the mean over the M rows: ``grad / M``.
+    The loss is the mean over the M rows: ``grad / M``. SIGMOID (never with DISTILL):
+    ``dlogits = sigmoid(z) - [positive]`` with ``z = logit + bias``, the same for the transposed pair, and
+    the first slice writes each row's part of ``d bias`` too; no lse is read.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -217,9 +320,10 @@ def _itc_bwd_rows_kernel(
     offs_out = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     out_valid = offs_out < D
     row_ids = tl.load(row_ids_ptr + offs_m, mask=row_valid, other=-2)
-    scale = tl.load(scale_ptr).to(ACC)
-    lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=0.0).to(ACC)
-    pos_count = tl.load(pos_count_ptr + offs_m, mask=row_valid, other=1.0).to(ACC)
+    scale, bias, alpha, smoothing = _params(params_ptr, SIGMOID, DISTILL, SMOOTH, ACC)
+    if not SIGMOID:
+        lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=0.0).to(ACC)
+        pos_count = tl.load(pos_count_ptr + offs_m, mask=row_valid, other=1.0).to(ACC)
     grad = tl.load(grad_ptr).to(ACC) / M
     grad_norm = tl.abs(grad)  # weights below are grad / grad_norm in [-1, 1]: fp16-safe before the dot
     if TRANSPOSED:
@@ -230,6 +334,7 @@ def _itc_bwd_rows_kernel(
         lse_m = tl.load(lse_m_ptr + offs_m, mask=row_valid, other=0.0).to(ACC)
     d_rows = tl.zeros((BLOCK_M, BLOCK_DOUT), ACC)
     d_scale = tl.zeros((BLOCK_M,), ACC)
+    d_bias = tl.zeros((BLOCK_M,), ACC)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < N
@@ -238,27 +343,41 @@ def _itc_bwd_rows_kernel(
             rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
         )
         positive = _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS)
-        target = tl.where(positive, 1.0 / pos_count[:, None], 0.0)
-        if DISTILL:
-            raw_m = _similarity_tile(
-                rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
-            )
-            target = (1.0 - alpha) * target + alpha * tl.exp(raw_m * scale - lse_m[:, None])
-        prob = tl.exp(raw * scale - lse[:, None])
         keep = row_valid[:, None] & col_valid[None, :]
-        d_logits = tl.where(keep, prob - target, 0.0)
+        if SIGMOID:  # d softplus(-label · z) / dz = -label · sigmoid(-label · z) = sigmoid(z) - [positive]
+            sign = tl.where(positive, -1.0, 1.0)
+            d_logits = tl.where(keep, sign * _sigmoid(sign * (raw * scale + bias)), 0.0)
+            d_bias += tl.sum(d_logits, axis=1)
+        else:
+            target = tl.where(positive, 1.0 / pos_count[:, None], 0.0)
+            if DISTILL:
+                raw_m = _similarity_tile(
+                    rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION,
+                    BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+                target = (1.0 - alpha) * target + alpha * tl.exp(raw_m * scale - lse_m[:, None])
+            if SMOOTH:
+                target = (1.0 - smoothing) * target + smoothing / N
+            prob = tl.exp(raw * scale - lse[:, None])
+            d_logits = tl.where(keep, prob - target, 0.0)
         d_scale += tl.sum(d_logits * raw, axis=1)
-        d_logits = d_logits * (grad / grad_norm)
+        d_tile = d_logits * (grad / grad_norm)
         if TRANSPOSED:
             in_batch = offs_n < B
-            lse_t = tl.load(lse_t_ptr + offs_n, mask=in_batch, other=0.0).to(ACC)
-            pos_count_t = tl.load(pos_count_ptr + offs_n, mask=in_batch, other=1.0).to(ACC)
-            target_t = tl.where(positive, 1.0 / pos_count_t[None, :], 0.0)  # ids agree: positives are symmetric
-            prob_t = tl.exp(raw * scale - lse_t[None, :])
-            d_logits += tl.where(keep & in_batch[None, :], prob_t - target_t, 0.0) * (grad_t / grad_norm)
+            if SIGMOID:  # the other direction's pair (j, i) has this logit and label: the same dlogits
+                d_t = tl.where(in_batch[None, :], d_logits, 0.0)
+            else:
+                lse_t = tl.load(lse_t_ptr + offs_n, mask=in_batch, other=0.0).to(ACC)
+                pos_count_t = tl.load(pos_count_ptr + offs_n, mask=in_batch, other=1.0).to(ACC)
+                target_t = tl.where(positive, 1.0 / pos_count_t[None, :], 0.0)  # ids agree: positives are symmetric
+                if SMOOTH:  # both directions have B + Q columns
+                    target_t = (1.0 - smoothing) * target_t + smoothing / N
+                prob_t = tl.exp(raw * scale - lse_t[None, :])
+                d_t = tl.where(keep & in_batch[None, :], prob_t - target_t, 0.0)
+            d_tile += d_t * (grad_t / grad_norm)
         cols = tl.load(col_ptrs[:, None] + offs_out[None, :], mask=col_valid[:, None] & out_valid[None, :], other=0.0)
         cols = widen_bf16_in_interpreter(cols)
-        d_rows += tl.dot((d_logits * HALF_RANGE).to(cols.dtype), cols, input_precision=PRECISION, out_dtype=ACC)
+        d_rows += tl.dot((d_tile * HALF_RANGE).to(cols.dtype), cols, input_precision=PRECISION, out_dtype=ACC)
     out_ptrs = d_rows_ptr + offs_m[:, None].to(tl.int64) * D + offs_out[None, :]
     tl.store(
         out_ptrs,
@@ -267,20 +386,24 @@ def _itc_bwd_rows_kernel(
     )
     if pid_d == 0:
         tl.store(d_scale_ptr + offs_m, d_scale * grad, mask=row_valid)
+        if SIGMOID:
+            tl.store(d_bias_ptr + offs_m, d_bias * grad, mask=row_valid)
 
 
 @triton.jit
 def _itc_bwd_cols_kernel(
     d_cols_ptr,
-    rows_ptr, cols_ptr, row_ids_ptr, ids_ptr, scale_ptr, lse_ptr, pos_count_ptr, grad_ptr, M, B, D,
+    rows_ptr, cols_ptr, row_ids_ptr, ids_ptr, params_ptr, lse_ptr, pos_count_ptr, grad_ptr, M, B, Q, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
+    SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, HALF_RANGE: tl.constexpr,
 ):  # fmt: skip
     """Program (batch-column block, feature slice): ``d cols[j, slice] = scale · Σ_i dlogits[i, j] · rows[i, slice]``.
 
     Only for online columns, where the target is the hard one (no distillation). Tiles
     are the transposed logits: BLOCK_N columns against BLOCK_M rows at a time. The M rows
-    (ids, lse and positive counts per row) may be a slice of the batch the B columns are.
+    (ids, lse and positive counts per row) may be a slice of the batch the B columns are; the
+    rows have B + Q columns (Q: the queue, constants), which label smoothing spreads ε over.
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -291,7 +414,7 @@ def _itc_bwd_cols_kernel(
     offs_out = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     out_valid = offs_out < D
     col_ids = tl.load(ids_ptr + offs_n, mask=col_valid, other=-2)
-    scale = tl.load(scale_ptr).to(ACC)
+    scale, bias, _alpha, smoothing = _params(params_ptr, SIGMOID, False, SMOOTH, ACC)
     grad = tl.load(grad_ptr).to(ACC) / M
     d_cols = tl.zeros((BLOCK_N, BLOCK_DOUT), ACC)
     for start in range(0, M, BLOCK_M):
@@ -301,13 +424,20 @@ def _itc_bwd_cols_kernel(
         raw = _similarity_tile(  # [BLOCK_N columns, BLOCK_M rows]
             cols_block, block_cols, col_valid, row_ptrs, row_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_N, BLOCK_M
         )
-        lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=0.0).to(ACC)
-        pos_count = tl.load(pos_count_ptr + offs_m, mask=row_valid, other=1.0).to(ACC)
         row_ids = tl.load(row_ids_ptr + offs_m, mask=row_valid, other=-3)
-        target = tl.where(col_ids[:, None] == row_ids[None, :], 1.0 / pos_count[None, :], 0.0)
-        prob = tl.exp(raw * scale - lse[None, :])
+        positive = col_ids[:, None] == row_ids[None, :]
         keep = col_valid[:, None] & row_valid[None, :]
-        d_logits = tl.where(keep, prob - target, 0.0)
+        if SIGMOID:
+            sign = tl.where(positive, -1.0, 1.0)
+            d_logits = tl.where(keep, sign * _sigmoid(sign * (raw * scale + bias)), 0.0)
+        else:
+            lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=0.0).to(ACC)
+            pos_count = tl.load(pos_count_ptr + offs_m, mask=row_valid, other=1.0).to(ACC)
+            target = tl.where(positive, 1.0 / pos_count[None, :], 0.0)
+            if SMOOTH:
+                target = (1.0 - smoothing) * target + smoothing / (B + Q)
+            prob = tl.exp(raw * scale - lse[None, :])
+            d_logits = tl.where(keep, prob - target, 0.0)
         rows = tl.load(row_ptrs[:, None] + offs_out[None, :], mask=row_valid[:, None] & out_valid[None, :], other=0.0)
         rows = widen_bf16_in_interpreter(rows)
         d_cols += tl.dot((d_logits * HALF_RANGE).to(rows.dtype), rows, input_precision=PRECISION, out_dtype=ACC)
@@ -319,18 +449,122 @@ def _itc_bwd_cols_kernel(
     )
 
 
-# GPU tiles per kernel, chosen from the sm_80/sm_90 compiles (no GPU has run these yet): a
-# streamed tile of 32 and a 32-row stationary block in the backward keep the register spills
-# near zero (per-thread stack 0-128 B; 64-wide tiles spilled 250-2700 B). Tune on a GPU.
-GPU_TILES = {
-    "fwd": {"BLOCK_M": 64, "BLOCK_N": 32},
-    "bwd_rows": {"BLOCK_M": 32, "BLOCK_N": 32},
-    "bwd_cols": {"BLOCK_M": 32, "BLOCK_N": 32},  # BLOCK_N columns stay, BLOCK_M rows stream
-}
-# The backward's feature slice (BLOCK_DOUT) for wide features: one program per slice on the grid's second axis.
-FEATURE_SLICE = 128 if interpreting() else 256
 MAX_GRID_Y = 65535
 MAX_INT32 = 2**31 - 1  # rows, columns and their indices are int32 in the kernels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch plans: what the launchers below run and what the gate compiles (``gate_cases``), from ``itc_configs``.
+
+
+class Sizes(NamedTuple):
+    """What a plan depends on besides the flags: M rows against B batch columns and Q queue columns of width D."""
+
+    rows: int
+    batch: int
+    queue: int
+    dim: int
+    row_offset: int = 0
+
+
+def _feature_types(dtype: torch.dtype) -> tuple[str, str]:
+    return pointer_type(dtype), pointer_type(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def _numerics_of(dtype: torch.dtype, backward: bool) -> dict[str, object]:
+    numerics = {"ACC": accumulator_type(dtype), "PRECISION": _dot_precision(dtype)}
+    if backward:  # fp16 would flush small softmax differences to zero: scaled up before the cast, back after the dot
+        numerics["HALF_RANGE"] = 1024.0 if dtype == torch.float16 else 1.0
+    return numerics
+
+
+def _launch(name, kernel, grid, signature, constexprs, config: ItcConfig, dtype, sizes: Sizes) -> Launch:
+    divisible = divisible_by_16(M=sizes.rows, B=sizes.batch, Q=sizes.queue, D=sizes.dim, row_offset=sizes.row_offset)
+    tag = f"{TRITON_TYPE[dtype]}_{config.block_m}x{config.block_n}x{constexprs['BLOCK_D']}_w{config.num_warps}"
+    return Launch(f"{name}_{tag}", kernel, grid, signature, constexprs, config.num_warps, config.num_stages,
+                  tuple(n for n in divisible if n in signature), config.spill_budget)  # fmt: skip
+
+
+def _flag_names(flags: dict) -> str:
+    return "".join(f"_{name.lower()}" for name, value in flags.items() if value) or "_plain"
+
+
+def fwd_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids: bool, distill: bool, mining: int,
+             smooth: bool, sigmoid: bool) -> Launch:  # fmt: skip
+    """The forward of one direction (``_itc_fwd_kernel``)."""
+    config = itc_config("fwd_distill" if distill else "fwd", arch, dtype in SIXTEEN_BIT)
+    features, acc = _feature_types(dtype)
+    block_d, _ = feature_blocks(sizes.dim, padded_dim(sizes.dim))
+    signature = {
+        **dict.fromkeys(("row_loss_ptr", "lse_ptr", "lse_m_ptr"), acc), "neg_idx_ptr": "*i64",
+        **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), features),
+        **dict.fromkeys(("row_ids_ptr", "ids_ptr", "queue_ids_ptr"), "*i64"), "params_ptr": acc,
+        **dict.fromkeys(("M", "B", "Q", "D", "row_offset"), "i32"), "seed": "i64", "direction": "i32",
+    }  # fmt: skip
+    flags = dict(HAS_QUEUE_IDS=has_queue_ids, DISTILL=distill, MINING=mining, SMOOTH=smooth, SIGMOID=sigmoid)
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, **flags,
+                      **_numerics_of(dtype, backward=False))  # fmt: skip
+    grid = (triton.cdiv(sizes.rows, config.block_m),)
+    name = f"itc_fwd{_flag_names(flags)}"
+    return _launch(name, _itc_fwd_kernel, grid, signature, constexprs, config, dtype, sizes)
+
+
+def fwd_both_plan(arch: int, dtype: torch.dtype, sizes: Sizes) -> Launch:
+    """Plain CLIP's one forward pass for both directions (``_itc_fwd_both_kernel``), at the forward's tiles."""
+    config = itc_config("fwd", arch, dtype in SIXTEEN_BIT)
+    features, acc = _feature_types(dtype)
+    block_d, _ = feature_blocks(sizes.dim, padded_dim(sizes.dim))
+    signature = {
+        **dict.fromkeys(("row_loss_ptr", "lse_ptr", "col_max_ptr", "col_sum_ptr"), acc),
+        **dict.fromkeys(("rows_ptr", "cols_ptr"), features), "params_ptr": acc, "B": "i32", "D": "i32",
+    }  # fmt: skip
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+                      **_numerics_of(dtype, backward=False))  # fmt: skip
+    grid = (triton.cdiv(sizes.batch, config.block_m),)
+    return _launch("itc_fwd_both", _itc_fwd_both_kernel, grid, signature, constexprs, config, dtype, sizes)
+
+
+def bwd_rows_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids: bool, distill: bool,
+                  transposed: bool, smooth: bool, sigmoid: bool) -> Launch:  # fmt: skip
+    """The row gradient of one direction (``_itc_bwd_rows_kernel``)."""
+    config = itc_config("bwd_rows", arch, dtype in SIXTEEN_BIT)
+    features, acc = _feature_types(dtype)
+    block_d, block_dout = feature_blocks(sizes.dim, padded_dim(sizes.dim))
+    signature = {
+        "d_rows_ptr": features, **dict.fromkeys(("d_scale_ptr", "d_bias_ptr"), acc),
+        **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), features),
+        **dict.fromkeys(("row_ids_ptr", "ids_ptr", "queue_ids_ptr"), "*i64"),
+        **dict.fromkeys(("params_ptr", "lse_ptr", "lse_m_ptr", "pos_count_ptr", "grad_ptr", "lse_t_ptr", "grad_t_ptr"),
+                        acc),
+        **dict.fromkeys(("M", "B", "Q", "D"), "i32"),
+    }  # fmt: skip
+    flags = dict(HAS_QUEUE_IDS=has_queue_ids, DISTILL=distill, TRANSPOSED=transposed, SMOOTH=smooth, SIGMOID=sigmoid)
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DOUT=block_dout,
+                      **flags, **_numerics_of(dtype, backward=True))  # fmt: skip
+    grid = (triton.cdiv(sizes.rows, config.block_m), triton.cdiv(sizes.dim, block_dout))
+    name = f"itc_bwd_rows{_flag_names(flags)}"
+    return _launch(name, _itc_bwd_rows_kernel, grid, signature, constexprs, config, dtype, sizes)
+
+
+def bwd_cols_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, smooth: bool, sigmoid: bool) -> Launch:
+    """The batch-column gradient of one direction (``_itc_bwd_cols_kernel``): ``block_m`` columns stay, rows
+    stream (the kernel's BLOCK_N is the stationary side)."""
+    config = itc_config("bwd_cols", arch, dtype in SIXTEEN_BIT)
+    features, acc = _feature_types(dtype)
+    block_d, block_dout = feature_blocks(sizes.dim, padded_dim(sizes.dim))
+    signature = {
+        "d_cols_ptr": features, **dict.fromkeys(("rows_ptr", "cols_ptr"), features),
+        **dict.fromkeys(("row_ids_ptr", "ids_ptr"), "*i64"),
+        **dict.fromkeys(("params_ptr", "lse_ptr", "pos_count_ptr", "grad_ptr"), acc),
+        **dict.fromkeys(("M", "B", "Q", "D"), "i32"),
+    }  # fmt: skip
+    flags = dict(SMOOTH=smooth, SIGMOID=sigmoid)
+    constexprs = dict(BLOCK_M=config.block_n, BLOCK_N=config.block_m, BLOCK_D=block_d, BLOCK_DOUT=block_dout,
+                      **flags, **_numerics_of(dtype, backward=True))  # fmt: skip
+    grid = (triton.cdiv(sizes.batch, config.block_m), triton.cdiv(sizes.dim, block_dout))
+    name = f"itc_bwd_cols{_flag_names(flags)}"
+    return _launch(name, _itc_bwd_cols_kernel, grid, signature, constexprs, config, dtype, sizes)
+
 
 # What this backend runs: the op reads it before any launch (the backend contract of the ops layer). fp64 runs under
 # the interpreter (the tests); on a GPU it is the reference backend's (the kernels target fp32/fp16/bf16).
@@ -342,15 +576,13 @@ LIMITS = {
     "feature_dim": (1, MAX_GRID_Y * FEATURE_SLICE),
     "rows": (1, MAX_INT32),
     "columns": (1, MAX_INT32),
+    # One vector per image: the max over query tokens (BLIP-2) needs the arg-max token of every pair in the
+    # backward, i.e. NQ recomputes or an O(B²) index: the reference's (declined here, so `auto` falls back).
+    "query_tokens": (1, 1),
+    "sigmoid_loss": (0, 1),
+    "label_smoothing": (0, 1),
+    "mining_columns": (0, 1),
 }
-
-
-def _block_sizes(dim: int, kernel: str) -> dict[str, int]:
-    """Tile sizes: small under the interpreter (cost grows with tile steps), tensor-core sized on a GPU."""
-    if interpreting():
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "BLOCK_DOUT": FEATURE_SLICE}
-    width = padded_dim(dim)
-    return {**GPU_TILES[kernel], "BLOCK_D": min(64, width), "BLOCK_DOUT": min(FEATURE_SLICE, width)}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -359,11 +591,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     16-88 B; see benchmarks/NOTES-itc.md). To revisit with GPU timings."""
     precision = dot_precision(dtype)
     return "ieee" if precision == "tf32x3" else precision
-
-
-def _numerics(features: Tensor) -> dict[str, object]:
-    """Accumulate in fp32 (fp64 for fp64 features); the dots' input precision from ``_dot_precision``."""
-    return {"ACC": accumulator_type(features.dtype), "PRECISION": _dot_precision(features.dtype)}
 
 
 def _accumulator_dtype(features: Tensor) -> torch.dtype:
@@ -400,87 +627,172 @@ def _positive_counts(ids: _Ids) -> Tensor:
 
 
 def _directions(image_rows, text_rows, image_columns, text_columns, options):
-    """(rows, momentum rows, batch columns, queue) for i2t and t2i."""
+    """(rows, momentum rows, batch columns, queue, mining columns) for i2t and t2i."""
     return (
-        (image_rows, options.image_feats_m, text_columns, options.text_queue),
-        (text_rows, options.text_feats_m, image_columns, options.image_queue),
+        (image_rows, options.image_feats_m, text_columns, options.text_queue, options.mining_text_columns),
+        (text_rows, options.text_feats_m, image_columns, options.image_queue, options.mining_image_columns),
     )
 
 
-def _direction_stats(rows, rows_m, cols, queue, ids: _Ids, scale, alpha, mining, seed, direction, row_offset):
-    """Forward of one direction: per-row loss, lse, momentum lse (or None) and picked negatives (or empty)."""
+class _Loss(NamedTuple):
+    """The loss flags of one launch: distillation weight, label smoothing, sigmoid (SigLIP) or softmax."""
+
+    alpha: float = 0.0
+    smoothing: float = 0.0
+    sigmoid: bool = False
+
+    @classmethod
+    def of(cls, options) -> _Loss:
+        return cls(options.alpha, options.label_smoothing, options.loss == "sigmoid")
+
+    def kwargs(self) -> dict[str, bool]:
+        return {"smooth": self.smoothing > 0, "sigmoid": self.sigmoid}
+
+
+def _launch_params(scale: Tensor, options, acc_dtype: torch.dtype) -> Tensor:
+    """``(scale, bias, alpha, smoothing)``: what every kernel reads at ``params_ptr``, in the accumulator dtype.
+    ``scale`` is the contract's: ``[scale]``, or ``[scale, bias]`` for the sigmoid loss."""
+    scale = scale.reshape(-1).to(acc_dtype)
+    bias = scale[1:] if scale.numel() == 2 else scale.new_zeros(1)
+    rest = torch.tensor([options.alpha, options.label_smoothing], dtype=acc_dtype, device=scale.device)
+    return torch.cat([scale[:1], bias, rest])
+
+
+def _direction_stats(rows, rows_m, cols, queue, ids: _Ids, params, loss: _Loss, mining, seed, direction, row_offset):
+    """Forward of one direction: per-row loss, lse (softmax), momentum lse (or None) and picked negatives (or
+    empty)."""
     local, dim = rows.shape
     acc_dtype = _accumulator_dtype(rows)
-    distill = alpha > 0
+    distill = loss.alpha > 0
     row_loss = torch.empty(local, dtype=acc_dtype, device=rows.device)
-    lse = torch.empty_like(row_loss)
+    lse = torch.empty_like(row_loss) if not loss.sigmoid else row_loss
     lse_m = torch.empty_like(row_loss) if distill else row_loss
     neg_idx = torch.empty(local if mining else 0, dtype=torch.int64, device=rows.device)
-    blocks = _block_sizes(dim, "fwd")
-    grid = (triton.cdiv(local, blocks["BLOCK_M"]),)
-    _itc_fwd_kernel[grid](
-        row_loss, lse, lse_m, neg_idx if mining else row_loss,
+    sizes = Sizes(local, cols.shape[0], 0 if queue is None else queue.shape[0], dim, row_offset)
+    launch = fwd_plan(target(rows.device)[0], rows.dtype, sizes, has_queue_ids=ids.queue is not None,
+                      distill=distill, mining=_MINING[mining], **loss.kwargs())  # fmt: skip
+    launch(
+        row_loss, lse, lse_m, neg_idx,
         rows, rows if rows_m is None else rows_m, cols, cols if queue is None else queue,
-        ids.rows, ids.columns, ids.columns if ids.queue is None else ids.queue, scale,
-        local, cols.shape[0], 0 if queue is None else queue.shape[0], dim, row_offset, seed, direction, float(alpha),
-        BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
-        HAS_QUEUE_IDS=ids.queue is not None, DISTILL=distill, MINING=_MINING[mining],
-        **_numerics(rows), **FWD_LAUNCH,
+        ids.rows, ids.columns, ids.columns if ids.queue is None else ids.queue, params,
+        *sizes, seed, direction,
     )  # fmt: skip
-    return row_loss, lse, (lse_m if distill else None), neg_idx
+    return row_loss, (None if loss.sigmoid else lse), (lse_m if distill else None), neg_idx
+
+
+# The one-pass CLIP forward keeps cdiv(B, BLOCK_M) x B column partials: it runs while they take at most this many
+# times the bytes of the features (B <= 128 d at 64-row tiles), so the memory stays O(B·d); beyond, two passes.
+ONE_PASS_PARTIALS_PER_FEATURE_BYTE = 4
+
+
+def _one_pass(image_rows, text_rows, image_columns, text_columns, options, row_offset, hard_negatives) -> bool:
+    """Plain CLIP: the rows are the columns (the same memory), whole batch, no queue, ids, momentum features,
+    smoothing, sigmoid loss or mining: then t2i's logits are i2t's transposed and one pass serves both."""
+    same = all(
+        rows.data_ptr() == cols.data_ptr() and rows.shape == cols.shape and rows.stride() == cols.stride()
+        for rows, cols in ((image_rows, image_columns), (text_rows, text_columns))
+    )
+    plain = options.image_queue is None and options.text_queue is None and options.positive_ids is None
+    plain = plain and options.image_feats_m is None and options.text_feats_m is None and options.alpha == 0
+    plain = plain and options.label_smoothing == 0 and options.loss == "softmax" and hard_negatives is None
+    plain = plain and options.mining_image_columns is None and options.mining_text_columns is None
+    batch, dim = image_rows.shape
+    return same and plain and row_offset == 0 and _partials_fit(target(image_rows.device)[0], image_rows.dtype, batch,
+                                                                dim)  # fmt: skip
+
+
+def _partials_fit(arch: int, dtype: torch.dtype, batch: int, dim: int) -> bool:
+    block_m = itc_config("fwd", arch, dtype in SIXTEEN_BIT).block_m
+    element = torch.empty((), dtype=dtype).element_size()
+    partial_bytes = 2 * triton.cdiv(batch, block_m) * batch * (8 if dtype == torch.float64 else 4)
+    return partial_bytes <= ONE_PASS_PARTIALS_PER_FEATURE_BYTE * 2 * batch * dim * element
+
+
+def _clip_fwd(image_rows, text_rows, params):
+    """Both directions from one pass over the image-row tiles; the t2i statistics from the column partials."""
+    batch, dim = image_rows.shape
+    acc_dtype = _accumulator_dtype(image_rows)
+    launch = fwd_both_plan(target(image_rows.device)[0], image_rows.dtype, Sizes(batch, batch, 0, dim))
+    row_loss = torch.empty(batch, dtype=acc_dtype, device=image_rows.device)
+    lse_i2t = torch.empty_like(row_loss)
+    col_max = torch.empty((launch.grid[0], batch), dtype=acc_dtype, device=image_rows.device)
+    col_sum = torch.empty_like(col_max)
+    launch(row_loss, lse_i2t, col_max, col_sum, image_rows, text_rows, params, batch, dim)
+    top = col_max.max(dim=0).values
+    lse_t2i = top + (col_sum * torch.exp(col_max - top)).sum(dim=0).log()
+    positives = lse_i2t - row_loss  # the diagonal logits: pair j's positive in both directions
+    neg_text, neg_image = (torch.empty(0, dtype=torch.int64, device=image_rows.device) for _ in range(2))
+    return row_loss.mean(), (lse_t2i - positives).mean(), neg_text, neg_image, lse_i2t.float(), lse_t2i.float()
 
 
 def itc_loss_fwd(image_rows, text_rows, image_columns, text_columns, scale, options, row_offset, hard_negatives, seed):
     """Launcher of the ITC contract (``ITCBackend`` of the ops layer): ``(loss_i2t, loss_t2i, neg_text, neg_image,
-    lse_i2t, lse_t2i)``, the losses means over the rows, the picks indices into the B batch columns."""
+    lse_i2t, lse_t2i)``, the losses means over the rows, the picks indices into the B batch columns.
+
+    With mining columns (BLIP's online similarities beside momentum columns) the loss pass mines nothing and one
+    more pass per direction, mining only, runs over those B columns (no queue)."""
+    params = _launch_params(scale, options, _accumulator_dtype(image_rows))
+    if _one_pass(image_rows, text_rows, image_columns, text_columns, options, row_offset, hard_negatives):
+        return _clip_fwd(image_rows, text_rows, params)
     ids = _Ids.of(options, row_offset, image_rows.shape[0], image_columns.shape[0], image_rows.device)
-    scale = scale.reshape(1).to(_accumulator_dtype(image_rows))
-    directions = _directions(image_rows, text_rows, image_columns, text_columns, options)
-    (loss_i2t, lse_i2t, _, neg_text), (loss_t2i, lse_t2i, _, neg_image) = (
-        _direction_stats(*direction, ids, scale, options.alpha, hard_negatives, seed, index, row_offset)
-        for index, direction in enumerate(directions)
-    )
-    return loss_i2t.mean(), loss_t2i.mean(), neg_text, neg_image, lse_i2t.float(), lse_t2i.float()
+    loss = _Loss.of(options)
+    outputs = []
+    for direction, (rows, rows_m, cols, queue, mine_cols) in enumerate(
+        _directions(image_rows, text_rows, image_columns, text_columns, options)
+    ):
+        mine_here = hard_negatives if mine_cols is None else None
+        row_loss, lse, _, neg_idx = _direction_stats(
+            rows, rows_m, cols, queue, ids, params, loss, mine_here, seed, direction, row_offset
+        )
+        if mine_cols is not None and hard_negatives is not None:
+            neg_idx = _direction_stats(
+                rows, None, mine_cols, None, ids._replace(queue=None), params, _Loss(), hard_negatives, seed,
+                direction, row_offset,
+            )[3]  # fmt: skip
+        saved = rows.new_empty(0, dtype=torch.float32) if lse is None else lse.float()
+        outputs.append((row_loss.mean(), neg_idx, saved))
+    (loss_i2t, neg_text, lse_i2t), (loss_t2i, neg_image, lse_t2i) = outputs
+    return loss_i2t, loss_t2i, neg_text, neg_image, lse_i2t, lse_t2i
 
 
-def _direction_grads(grad, rows, rows_m, cols, queue, ids: _Ids, scale, stats, alpha, column_grad, transposed):
-    """``(d rows, d batch columns or None, per-row d scale)`` of one direction; ``stats = (lse, lse_m, pos_count)``.
+def _direction_grads(grad, rows, rows_m, cols, queue, ids: _Ids, params, stats, loss: _Loss, column_grad, transposed):
+    """``(d rows, d batch columns or None, per-row d scale, per-row d bias or None)`` of one direction;
+    ``stats = (lse, lse_m, pos_count)`` (lse None for the sigmoid loss).
 
-    ``transposed = (lse, grad)`` of the other direction in CLIP mode: the row kernel then also
+    ``transposed = (lse, grad)`` of the other direction in CLIP mode (lse None: sigmoid): the row kernel then also
     serves the other direction's column gradient and no column kernel runs. Otherwise the column
     kernel runs when ``column_grad`` asks for the columns' gradient (online columns, alpha == 0).
     """
     local, dim = rows.shape
     batch = cols.shape[0]
+    queue_size = 0 if queue is None else queue.shape[0]
     lse, lse_m, pos_count = stats
-    blocks = _block_sizes(dim, "bwd_rows")
-    # fp16 would flush small softmax differences to zero: scale them up before the cast, back after the dot.
-    numerics = dict(_numerics(rows), HALF_RANGE=1024.0 if rows.dtype == torch.float16 else 1.0)
+    lse = pos_count if lse is None else lse  # the sigmoid kernels read no lse: any (B,) buffer
     acc_dtype = _accumulator_dtype(rows)
     grad = grad.reshape(1).to(acc_dtype)
-    lse_t, grad_t = (lse, grad) if transposed is None else (transposed[0], transposed[1].reshape(1).to(acc_dtype))
+    lse_t, grad_t = lse, grad
+    if transposed is not None:
+        lse_t = lse if transposed[0] is None else transposed[0]
+        grad_t = transposed[1].reshape(1).to(acc_dtype)
     d_rows = torch.empty_like(rows)
     d_scale = torch.empty(local, dtype=acc_dtype, device=rows.device)
-    grid = (triton.cdiv(local, blocks["BLOCK_M"]), triton.cdiv(dim, blocks["BLOCK_DOUT"]))
-    _itc_bwd_rows_kernel[grid](
-        d_rows, d_scale,
+    d_bias = torch.empty_like(d_scale) if loss.sigmoid else d_scale
+    arch = target(rows.device)[0]
+    sizes = Sizes(local, batch, queue_size, dim)
+    launch = bwd_rows_plan(arch, rows.dtype, sizes, has_queue_ids=ids.queue is not None, distill=loss.alpha > 0,
+                           transposed=transposed is not None, **loss.kwargs())  # fmt: skip
+    launch(
+        d_rows, d_scale, d_bias,
         rows, rows if rows_m is None else rows_m, cols, cols if queue is None else queue,
-        ids.rows, ids.columns, ids.columns if ids.queue is None else ids.queue, scale, lse,
-        lse if lse_m is None else lse_m, pos_count, grad, lse_t, grad_t,
-        local, batch, 0 if queue is None else queue.shape[0], dim, float(alpha),
-        **blocks, HAS_QUEUE_IDS=ids.queue is not None, DISTILL=alpha > 0, TRANSPOSED=transposed is not None,
-        **numerics, **BWD_LAUNCH,
+        ids.rows, ids.columns, ids.columns if ids.queue is None else ids.queue, params, lse,
+        lse if lse_m is None else lse_m, pos_count, grad, lse_t, grad_t, local, batch, queue_size, dim,
     )  # fmt: skip
     d_cols = None
     if column_grad and transposed is None:
         d_cols = torch.empty_like(cols)
-        blocks = _block_sizes(dim, "bwd_cols")
-        grid = (triton.cdiv(batch, blocks["BLOCK_N"]), triton.cdiv(dim, blocks["BLOCK_DOUT"]))
-        _itc_bwd_cols_kernel[grid](
-            d_cols, rows, cols, ids.rows, ids.columns, scale, lse, pos_count, grad, local, batch, dim,
-            **blocks, **numerics, **BWD_LAUNCH,
-        )  # fmt: skip
-    return d_rows, d_cols, d_scale
+        launch = bwd_cols_plan(arch, rows.dtype, sizes, **loss.kwargs())
+        launch(d_cols, rows, cols, ids.rows, ids.columns, params, lse, pos_count, grad, local, batch, queue_size, dim)
+    return d_rows, d_cols, d_scale, (d_bias if loss.sigmoid else None)
 
 
 def itc_loss_bwd(
@@ -506,18 +818,24 @@ def itc_loss_bwd(
     columns, no distillation); the other column gradients are empty ``(0, d)`` tensors. The saved fp32
     log-sum-exps are used as they are, except with distillation (the momentum log-sum-exp is not saved) and for
     fp64 features (fp32 is too coarse for them): then one forward pass per direction rebuilds the row statistics.
+
+    The sigmoid loss: no lse at all, the transposed term is the tile's own ``dlogits`` on batch columns, and
+    ``d scale`` is ``(2,)``: (d scale, d bias).
     """
     local, dim = image_rows.shape
     ids = _Ids.of(options, row_offset, local, image_columns.shape[0], image_rows.device)
     acc_dtype = _accumulator_dtype(image_rows)
-    scale_vec = scale.reshape(1).to(acc_dtype)
+    params = _launch_params(scale, options, acc_dtype)
     pos_count = _positive_counts(ids).to(acc_dtype)
-    directions = _directions(image_rows, text_rows, image_columns, text_columns, options)
+    loss = _Loss.of(options)
+    directions = [d[:4] for d in _directions(image_rows, text_rows, image_columns, text_columns, options)]
     lses, lse_ms = [lse_i2t.to(acc_dtype).contiguous(), lse_t2i.to(acc_dtype).contiguous()], [None, None]
-    if options.alpha > 0 or image_rows.dtype == torch.float64:
+    if loss.sigmoid:
+        lses = [None, None]
+    elif options.alpha > 0 or image_rows.dtype == torch.float64:
         for index, direction in enumerate(directions):
             _, lses[index], lse_ms[index], _ = _direction_stats(
-                *direction, ids, scale_vec, options.alpha, None, 0, index, row_offset
+                *direction, ids, params, loss, None, 0, index, row_offset
             )
     grads = (d_loss_i2t, d_loss_t2i)
     results = []
@@ -525,77 +843,84 @@ def itc_loss_bwd(
         other = 1 - index  # the columns of i2t are the texts, of t2i the images
         transposed = (lses[other], grads[other]) if clip else None
         stats = (lses[index], lse_ms[index], pos_count)
-        column_grad = column_grads[other]
-        results.append(
-            _direction_grads(grads[index], *direction, ids, scale_vec, stats, options.alpha, column_grad, transposed)
-        )
-    (d_image, d_text_columns, d_scale_i2t), (d_text, d_image_columns, d_scale_t2i) = results
+        column_grad = column_grads[other] and not clip
+        results.append(_direction_grads(grads[index], *direction, ids, params, stats, loss, column_grad, transposed))
+    (d_image, d_text_columns, *scale_i2t), (d_text, d_image_columns, *scale_t2i) = results
     if d_image_columns is None:
         d_image_columns = image_columns.new_empty((0, dim))
     if d_text_columns is None:
         d_text_columns = text_columns.new_empty((0, dim))
-    d_scale = (d_scale_i2t.sum() + d_scale_t2i.sum()).to(scale.dtype).reshape(scale.shape)
-    return d_image, d_text, d_image_columns, d_text_columns, d_scale
+    d_scale = scale_i2t[0].sum() + scale_t2i[0].sum()
+    if loss.sigmoid:
+        d_scale = torch.stack([d_scale, scale_i2t[1].sum() + scale_t2i[1].sum()])
+    return d_image, d_text, d_image_columns, d_text_columns, d_scale.to(scale.dtype).reshape(scale.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The gate (``python -m mome.kernels.aot --check``): the launches the launchers above make for real training setups,
+# through the same plans. Every width and batch here compiles to the same kernels (BLOCK_D 64, BLOCK_DOUT 256, all
+# sizes divisible by 16), so they dedupe to one compile per (mode, kernel, dtype, arch).
+
+GATE_WIDTHS = (256, 512, 768)
+GATE_BATCHES = (256, 16384, 65536)
+GATE_QUEUE = 57600  # ALBEF's queue
+_OFF = dict(smooth=False, sigmoid=False)
+# (mode, queue, forward flags, row-backward flags, column backward flags or None); "gather": one rank's rows
+GATE_MODES = {
+    "clip": (0, dict(has_queue_ids=False, distill=False, mining=MINE_NONE, **_OFF),
+             dict(has_queue_ids=False, distill=False, transposed=True, **_OFF), None),
+    "clip_hardest": (0, dict(has_queue_ids=False, distill=False, mining=MINE_HARDEST, **_OFF),
+                     dict(has_queue_ids=False, distill=False, transposed=True, **_OFF), None),
+    "gather": (0, dict(has_queue_ids=False, distill=False, mining=MINE_NONE, **_OFF),
+               dict(has_queue_ids=False, distill=False, transposed=False, **_OFF), _OFF),
+    "albef": (GATE_QUEUE, dict(has_queue_ids=True, distill=True, mining=MINE_SAMPLE, **_OFF),
+              dict(has_queue_ids=True, distill=True, transposed=False, **_OFF), None),
+    "blip2_smooth": (0, dict(has_queue_ids=False, distill=False, mining=MINE_NONE, smooth=True, sigmoid=False),
+                     dict(has_queue_ids=False, distill=False, transposed=False, smooth=True, sigmoid=False),
+                     dict(smooth=True, sigmoid=False)),
+    "siglip": (0, dict(has_queue_ids=False, distill=False, mining=MINE_NONE, smooth=False, sigmoid=True),
+               dict(has_queue_ids=False, distill=False, transposed=True, smooth=False, sigmoid=True), None),
+}  # fmt: skip
+GATE_DTYPES = {
+    (90, torch.bfloat16): tuple(GATE_MODES),
+    (90, torch.float16): ("clip", "gather"),
+    (90, torch.float32): ("clip",),
+    (80, torch.bfloat16): ("clip", "albef"),
+}
+
+
+def _mode_launches(arch: int, dtype: torch.dtype, mode: str, batch: int, dim: int) -> list[tuple[str, Launch]]:
+    queue, fwd, rows, cols = GATE_MODES[mode]
+    local = batch // 8 if cols is not None else batch  # gathered: one of 8 ranks' rows
+    sizes = Sizes(local, batch, queue, dim, row_offset=local)
+    if mode == "clip" and _partials_fit(arch, dtype, batch, dim):  # both directions in one pass
+        launches = [("fwd both", fwd_both_plan(arch, dtype, Sizes(batch, batch, 0, dim)))]
+    else:
+        launches = [("fwd", fwd_plan(arch, dtype, sizes, **fwd))]
+    launches.append(("bwd rows", bwd_rows_plan(arch, dtype, sizes, **rows)))
+    if cols is not None:
+        launches.append(("bwd cols", bwd_cols_plan(arch, dtype, sizes, **cols)))
+    return launches
+
+
+def gate_cases() -> list[GateCase]:
+    cases = []
+    for (arch, dtype), modes in GATE_DTYPES.items():
+        for mode in modes:
+            for batch in GATE_BATCHES:
+                for dim in GATE_WIDTHS:
+                    for use, launch in _mode_launches(arch, dtype, mode, batch, dim):
+                        cases.append(launch.gate_case(arch, dtype, f"{mode} B{batch} d{dim}: {use}"))
+    return cases
 
 
 def _aot_specs() -> list[AotSpec]:
-    """Each kernel for fp16/bf16/fp32 features and its main constexpr variants, at the GPU tile sizes."""
-    specs = []
-    blocks = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}  # every kernel takes these three; values per kernel below
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        name, features, acc = TRITON_TYPE[dtype], pointer_type(dtype), pointer_type(torch.float32)
-        numerics = {"ACC": accumulator_type(dtype), "PRECISION": _dot_precision(dtype)}
-        fwd_sig = {
-            **dict.fromkeys(("row_loss_ptr", "lse_ptr", "lse_m_ptr"), acc),
-            "neg_idx_ptr": "*i64",
-            **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), features),
-            **dict.fromkeys(("row_ids_ptr", "ids_ptr", "queue_ids_ptr"), "*i64"),
-            "scale_ptr": acc,
-            **dict.fromkeys(("M", "B", "Q", "D", "row_offset"), "i32"),
-            "seed": "i64",
-            "direction": "i32",
-            "alpha": "fp32",
-            **dict.fromkeys((*blocks, "HAS_QUEUE_IDS", "DISTILL", "MINING", *numerics), "constexpr"),
-        }
-        variants = (
-            ("clip", {"HAS_QUEUE_IDS": False, "DISTILL": False, "MINING": MINE_NONE}),
-            ("albef_sample", {"HAS_QUEUE_IDS": True, "DISTILL": True, "MINING": MINE_SAMPLE}),  # hardest: a subset
-        )
-        for variant, flags in variants:
-            constexprs = {**blocks, **GPU_TILES["fwd"], **flags, **numerics}
-            specs.append(AotSpec(f"itc_fwd_{variant}_{name}", _itc_fwd_kernel, fwd_sig, constexprs, **FWD_LAUNCH))
-        bwd_numerics = {**numerics, "HALF_RANGE": 1024.0 if dtype == torch.float16 else 1.0}
-        rows_sig = {
-            "d_rows_ptr": features,
-            "d_scale_ptr": acc,
-            **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), features),
-            **dict.fromkeys(("row_ids_ptr", "ids_ptr", "queue_ids_ptr"), "*i64"),
-            **dict.fromkeys(("scale_ptr", "lse_ptr", "lse_m_ptr", "pos_count_ptr", "grad_ptr"), acc),
-            **dict.fromkeys(("lse_t_ptr", "grad_t_ptr"), acc),
-            **dict.fromkeys(("M", "B", "Q", "D"), "i32"),
-            "alpha": "fp32",
-            **dict.fromkeys(
-                (*blocks, "BLOCK_DOUT", "HAS_QUEUE_IDS", "DISTILL", "TRANSPOSED", *bwd_numerics), "constexpr"
-            ),
-        }
-        # clip: whole batch, rows serve as columns too; albef: distillation; local: a slice of rows (gather=True)
-        for variant, distill, transposed in (("clip", False, True), ("albef", True, False), ("local", False, False)):
-            flags = {"HAS_QUEUE_IDS": distill, "DISTILL": distill, "TRANSPOSED": transposed}
-            constexprs = {**blocks, **GPU_TILES["bwd_rows"], "BLOCK_DOUT": 256, **flags, **bwd_numerics}
-            specs.append(
-                AotSpec(f"itc_bwd_rows_{variant}_{name}", _itc_bwd_rows_kernel, rows_sig, constexprs, **BWD_LAUNCH)
-            )
-        cols_sig = {
-            "d_cols_ptr": features,
-            **dict.fromkeys(("rows_ptr", "cols_ptr"), features),
-            **dict.fromkeys(("row_ids_ptr", "ids_ptr"), "*i64"),
-            **dict.fromkeys(("scale_ptr", "lse_ptr", "pos_count_ptr", "grad_ptr"), acc),
-            **dict.fromkeys(("M", "B", "D"), "i32"),
-            **dict.fromkeys((*blocks, "BLOCK_DOUT", *bwd_numerics), "constexpr"),
-        }
-        constexprs = {**blocks, **GPU_TILES["bwd_cols"], "BLOCK_DOUT": 256, **bwd_numerics}
-        specs.append(AotSpec(f"itc_bwd_cols_{name}", _itc_bwd_cols_kernel, cols_sig, constexprs, **BWD_LAUNCH))
-    return specs
+    """The plain compile check (``python -m mome.kernels.aot``): every mode's kernels as sm_80 plans them, bf16;
+    fp16 and fp32 CLIP."""
+    launches = [launch for mode in GATE_MODES for _, launch in _mode_launches(80, torch.bfloat16, mode, 4096, 512)]
+    for dtype in (torch.float16, torch.float32):
+        launches += [launch for _, launch in _mode_launches(80, dtype, "gather", 4096, 512)]
+    return list({launch.name: launch.spec() for launch in launches}.values())
 
 
 AOT_SPECS = _aot_specs()

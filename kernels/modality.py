@@ -13,7 +13,7 @@ the activation as it loads it, so the hidden layer is never stored.
 from __future__ import annotations
 
 import torch
-from mome.kernels.modality_gemm import grouped_gemm, grouped_weight_grad
+from mome.kernels.modality_gemm import gemm_plan, grouped_gemm, grouped_weight_grad, weight_grad_plan
 from mome.kernels.modality_norm import MAX_PARAMS, MAX_ROW, layer_norm_backward, layer_norm_forward
 from mome.kernels.modality_routing import MAX_EXPERTS, MAX_TOKENS
 from torch import Tensor
@@ -97,3 +97,53 @@ def modality_layer_norm_bwd(dy, x, modality, norm, mean, rstd, eps):
     """``(dx, (dweight, dbias))``."""
     dx, dweight, dbias = layer_norm_backward(dy, x, modality, norm.weight, norm.bias, mean, rstd)
     return dx, type(norm)(dweight, dbias)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The gate (``python -m mome.kernels.aot --check``): the GEMMs the launchers above run for real models, planned by
+# the same ``gemm_plan`` / ``weight_grad_plan`` that ``grouped_gemm`` / ``grouped_weight_grad`` launch.
+
+GATE_MODELS = (  # (label, D, F): BEiT-3 / VLMo base and large
+    ("base", 768, 3072),
+    ("large", 1024, 4096),
+)
+GATE_BATCHES = (32, 256)  # images per step; each carries 197 image + 64 text tokens
+GATE_EXPERTS = 3  # vision, language, vision-language
+# Which launches each (arch, dtype) compiles: all of them in bf16 (sm_90: the rules; sm_80: that the plans compile);
+# fp16 lowers to the same instructions and fp32 is outside the rules, so their rows are spot checks.
+GATE_DTYPES = {
+    (90, torch.bfloat16): None,
+    (90, torch.float16): ("ffn fc2, GELU on load", "linear + GELU epilogue"),
+    (90, torch.float32): ("ffn fc1",),
+    (80, torch.bfloat16): None,
+}
+
+
+def _gate_launches(arch: int, dtype: torch.dtype, tokens: int, d: int, f: int):
+    """``(use, launch)`` for an expert FFN's forward and backward and a linear with a GELU epilogue, as above."""
+    e, plan, grad = GATE_EXPERTS, gemm_plan, weight_grad_plan
+    return (
+        ("ffn fc1", plan(arch, dtype, tokens, f, d, e, b_transposed=True, has_bias=True)),
+        ("ffn fc2, GELU on load", plan(arch, dtype, tokens, d, f, e, b_transposed=True, has_bias=True,
+                                       a_activation="gelu")),
+        ("ffn d hidden", plan(arch, dtype, tokens, f, d, e, b_transposed=False, has_bias=False)),
+        ("ffn dx, GELU' on load", plan(arch, dtype, tokens, d, f, e, b_transposed=False, has_bias=False,
+                                       grad_activation="gelu")),
+        ("ffn dW2, GELU on load", grad(arch, dtype, tokens, d, f, e, has_bias=True, activation=None,
+                                       x_activation="gelu")),
+        ("ffn dW1, GELU'", grad(arch, dtype, tokens, f, d, e, has_bias=True, activation="gelu")),
+        ("linear + GELU epilogue", plan(arch, dtype, tokens, f, d, e, b_transposed=True, has_bias=True,
+                                        activation="gelu", save_pre=True)),
+    )  # fmt: skip
+
+
+def gate_cases() -> list:
+    cases = []
+    for (arch, dtype), uses in GATE_DTYPES.items():
+        for label, d, f in GATE_MODELS:
+            for batch in GATE_BATCHES:
+                tokens = batch * (197 + 64)
+                for use, launch in _gate_launches(arch, dtype, tokens, d, f):
+                    if uses is None or use in uses:
+                        cases.append(launch.gate_case(arch, dtype, f"{label} x{batch}: {use}"))
+    return cases

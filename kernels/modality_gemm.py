@@ -23,11 +23,14 @@ The launchers of the backend contract are in ``mome.kernels.modality``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
-from mome.kernels._common import TRITON_TYPE, dot_precision, interpreting, narrow, padded_dim, pointer_type
+from mome.kernels._common import SIXTEEN_BIT, TRITON_TYPE, dot_precision, interpreting, narrow, padded_dim, pointer_type
 from mome.kernels._common import widen_bf16_in_interpreter as widen
+from mome.kernels._plan import Launch, divisible_by_16, install_allocator, target
 from mome.kernels.aot import AotSpec
 from torch import Tensor
 
@@ -107,6 +110,8 @@ def _grouped_gemm_kernel(
     SAVE_PRE: tl.constexpr,
     A_ACTIVATION: tl.constexpr,
     GRAD_ACTIVATION: tl.constexpr,
+    EPILOGUE_HALVES: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -132,6 +137,11 @@ def _grouped_gemm_kernel(
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
     b_expert = b + expert.to(tl.int64) * N * K
+    if USE_TMA:  # the weight tiles by TMA (sm_90); out-of-range rows and columns load as zeros
+        if B_TRANSPOSED:
+            b_desc = tl.make_tensor_descriptor(b_expert, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_expert, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N])
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -144,13 +154,34 @@ def _grouped_gemm_kernel(
         if GRAD_ACTIVATION != 0:
             u = widen(tl.load(a_pre + a_offsets, mask=a_mask, other=0.0)).to(tl.float32)
             a_tile = widen(narrow(a_tile.to(tl.float32) * _activation_grad(u, GRAD_ACTIVATION), a.dtype.element_ty))
-        if B_TRANSPOSED:
-            b_offsets = k[:, None] + cols[None, :] * K
+        if USE_TMA:
+            if B_TRANSPOSED:
+                b_tile = widen(b_desc.load([pid_n * BLOCK_N, k0]).T)
+            else:
+                b_tile = widen(b_desc.load([k0, pid_n * BLOCK_N]))
         else:
-            b_offsets = k[:, None] * N + cols[None, :]
-        b_tile = widen(tl.load(b_expert + b_offsets, mask=(k[:, None] < K) & col_mask[None, :], other=0.0))
+            if B_TRANSPOSED:
+                b_offsets = k[:, None] + cols[None, :] * K
+            else:
+                b_offsets = k[:, None] * N + cols[None, :]
+            b_tile = widen(tl.load(b_expert + b_offsets, mask=(k[:, None] < K) & col_mask[None, :], other=0.0))
         acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
 
+    if EPILOGUE_HALVES:  # the activation on one half of the columns at a time: fewer values in flight
+        acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        _epilogue(acc_lo, out, pre_out, bias, expert, tokens, row_mask, half, N, HAS_BIAS, ACTIVATION, SAVE_PRE)
+        _epilogue(acc_hi, out, pre_out, bias, expert, tokens, row_mask, half + BLOCK_N // 2, N, HAS_BIAS, ACTIVATION,
+                  SAVE_PRE)  # fmt: skip
+    else:
+        _epilogue(acc, out, pre_out, bias, expert, tokens, row_mask, cols, N, HAS_BIAS, ACTIVATION, SAVE_PRE)
+
+
+@triton.jit
+def _epilogue(acc, out, pre_out, bias, expert, tokens, row_mask, cols, N, HAS_BIAS: tl.constexpr,
+              ACTIVATION: tl.constexpr, SAVE_PRE: tl.constexpr):  # fmt: skip
+    """Bias, the pre-activation's store, the activation and the scatter of one tile's columns ``cols``."""
+    col_mask = cols < N
     if HAS_BIAS:
         acc += widen(tl.load(bias + expert * N + cols, mask=col_mask, other=0.0)).to(tl.float32)[None, :]
     out_offsets = tokens[:, None] * N + cols[None, :]  # the scatter
@@ -224,21 +255,97 @@ def _grouped_weight_grad_kernel(
             tl.store(dbias + expert * N + ns, narrow(bias_acc, dbias.dtype.element_ty), mask=n_mask)
 
 
-def _gemm_blocks(n: int, k: int, prologue: bool, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small tiles when interpreting, tensor-core tiles on GPU.
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    spill_budget: int = 0  # SASS local-memory instructions the gate accepts (sm_90, 16-bit)
+    epilogue_halves: bool = False  # an epilogue activation on half the tile's columns at a time
 
-    An A-operand prologue (activation or its derivative applied as A is loaded) takes BLOCK_K = 32: at 64 the
-    sm_80 build spills (ptxas stack 500-2100 B, see benchmarks/NOTES-modality.md); so does fp32, whose 3-stage
-    128x128x64 pipeline would need 192 KiB of shared memory."""
+
+def gemm_config(arch: int, dtype: torch.dtype, n: int, k: int, prologue: bool) -> GemmConfig:
+    """The tiles of one grouped GEMM (``_grouped_gemm_kernel``): small when interpreting, tensor-core tiles on a GPU.
+
+    ``prologue``: the activation or its derivative is applied to A as it is loaded. sm_80 takes BLOCK_K = 32 then
+    (at 64 its build spilled 500-2100 B of stack, see benchmarks/NOTES-modality.md); sm_90 keeps 64, which its
+    compile holds without spills. fp32 takes 32 on both: a 3-stage 128x128x64 fp32 pipeline needs 192 KiB of
+    shared memory.
+
+    An activation in the epilogue runs on half the tile's columns at a time: on sm_90 (bf16, 128x128x64, 8 warps)
+    the whole-tile GELU took 182 registers (1 CTA per SM); halves take 128 without spills (2 CTAs, as the plain
+    GEMM); a 128-register cap instead spilled 82 instructions, in the main loop too.
+    """
     if interpreting():
-        return 32, 32, 32, 4, 1
-    return _gpu_gemm_blocks(n, k, prologue, dtype)
-
-
-def _gpu_gemm_blocks(n: int, k: int, prologue: bool, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+        return GemmConfig(32, 32, 32, 4, 1, epilogue_halves=True)
     block_n = 128 if n >= 128 else padded_dim(n)
-    block_k = (32 if prologue or dtype == torch.float32 else 64) if k >= 64 else padded_dim(k)
-    return 128, block_n, block_k, 8 if block_n == 128 else 4, 3
+    narrow_k = dtype == torch.float32 or (prologue and arch != 90)
+    block_k = (32 if narrow_k else 64) if k >= 64 else padded_dim(k)
+    return GemmConfig(128, block_n, block_k, 8 if block_n == 128 else 4, 3, epilogue_halves=block_n >= 32)
+
+
+def use_weight_tma(arch: int, dtype: torch.dtype, n: int, k: int, weight_aligned: bool) -> bool:
+    """Descriptors need 16-byte aligned rows and experts (N, K multiples of 8 in 16 bits) and non-empty sides."""
+    return arch == 90 and dtype in SIXTEEN_BIT and weight_aligned and n > 0 and k > 0 and n % 8 == 0 and k % 8 == 0
+
+
+def weight_grad_config(arch: int, dtype: torch.dtype) -> GemmConfig:
+    """Tiles of ``_grouped_weight_grad_kernel``: (rows streamed, Dout tile, Din tile); no ptxas spills on sm_90."""
+    if interpreting():
+        return GemmConfig(32, 32, 32, 4, 1)
+    return GemmConfig(32, 128, 128, 8, 3)
+
+
+def gemm_plan(arch: int, dtype: torch.dtype, tokens: int, n: int, k: int, num_experts: int, *, b_transposed: bool,
+              has_bias: bool, activation: str | None = None, save_pre: bool = False, a_activation: str | None = None,
+              grad_activation: str | None = None, weight_aligned: bool = True) -> Launch:  # fmt: skip
+    """The launch of one grouped GEMM (what ``grouped_gemm`` runs and the gate compiles).
+
+    sm_90, 16-bit: the weight operand comes by TMA when its address is 16-byte aligned (``weight_aligned``) and its
+    rows are too (N and K multiples of 8); the activation operand is a row gather through ``perm``, which TMA
+    cannot do before Blackwell, so it stays on ``cp.async``."""
+    prologue = a_activation is not None or grad_activation is not None
+    config = gemm_config(arch, dtype, n, k, prologue)
+    m_tiles = triton.cdiv(tokens, config.block_m) + num_experts - 1  # upper bound on the row tiles of all experts
+    pointer = pointer_type(dtype)
+    signature = dict.fromkeys(("out", "pre_out", "a", "a_pre", "b", "bias"), pointer)
+    signature |= {"perm": "*i32", "offsets": "*i32", "T": "i32", "N": "i32", "K": "i32"}
+    constexprs = dict(
+        NUM_EXPERTS=num_experts, EXPERTS_PAD=triton.next_power_of_2(num_experts), B_TRANSPOSED=b_transposed,
+        HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation], SAVE_PRE=save_pre,
+        A_ACTIVATION=ACTIVATION_CODES[a_activation], GRAD_ACTIVATION=ACTIVATION_CODES[grad_activation],
+        EPILOGUE_HALVES=config.epilogue_halves and activation is not None,
+        USE_TMA=use_weight_tma(arch, dtype, n, k, weight_aligned), DOT_PRECISION=dot_precision(dtype),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+    )  # fmt: skip
+    kind = "fwd" if b_transposed else "dx"
+    act = f"_act{constexprs['ACTIVATION']}{constexprs['A_ACTIVATION']}{constexprs['GRAD_ACTIVATION']}"
+    tma = "_tma" if constexprs["USE_TMA"] else ""
+    name = f"grouped_gemm_{kind}{act}_E{num_experts}_{TRITON_TYPE[dtype]}_{config.block_n}x{config.block_k}{tma}"
+    grid = (m_tiles, triton.cdiv(n, config.block_n))
+    return Launch(name, _grouped_gemm_kernel, grid, signature, constexprs, config.num_warps, config.num_stages,
+                  divisible_by_16(T=tokens, N=n, K=k), config.spill_budget)  # fmt: skip
+
+
+def weight_grad_plan(arch: int, dtype: torch.dtype, tokens: int, n: int, k: int, num_experts: int, *,
+                     has_bias: bool, activation: str | None, x_activation: str | None = None) -> Launch:  # fmt: skip
+    """The launch of one expert weight gradient (what ``grouped_weight_grad`` runs and the gate compiles)."""
+    config = weight_grad_config(arch, dtype)
+    pointer = pointer_type(dtype)
+    signature = dict.fromkeys(("dweight", "dbias", "dy", "pre", "x"), pointer)
+    signature |= {"perm": "*i32", "offsets": "*i32", "T": "i32", "N": "i32", "K": "i32"}
+    constexprs = dict(
+        NUM_EXPERTS=num_experts, HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation],
+        X_ACTIVATION=ACTIVATION_CODES[x_activation], DOT_PRECISION=dot_precision(dtype),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+    )  # fmt: skip
+    # K = 0 still takes one column of programs: the pid_k == 0 ones write the bias gradient
+    grid = (triton.cdiv(n, config.block_n), max(1, triton.cdiv(k, config.block_k)), num_experts)
+    act = f"_act{constexprs['ACTIVATION']}{constexprs['X_ACTIVATION']}"
+    name = f"grouped_weight_grad{act}_E{num_experts}{'_bias' if has_bias else ''}_{TRITON_TYPE[dtype]}"
+    return Launch(name, _grouped_weight_grad_kernel, grid, signature, constexprs, config.num_warps, config.num_stages,
+                  divisible_by_16(T=tokens, N=n, K=k), config.spill_budget)  # fmt: skip
 
 
 def grouped_gemm(
@@ -265,18 +372,13 @@ def grouped_gemm(
     pre = torch.empty_like(out) if save_pre else a.new_empty(0)
     if tokens == 0 or n == 0:
         return out, pre
-    prologue = a_activation is not None or grad_activation is not None
-    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(n, k, prologue, a.dtype)
-    m_tiles = triton.cdiv(tokens, block_m) + num_experts - 1  # upper bound on the row tiles of all experts
-    _grouped_gemm_kernel[(m_tiles, triton.cdiv(n, block_n))](
-        out, pre, a, a if a_pre is None else a_pre, b, b if bias is None else bias, perm, offsets,
-        tokens, n, k,
-        NUM_EXPERTS=num_experts, EXPERTS_PAD=triton.next_power_of_2(num_experts), B_TRANSPOSED=b_transposed,
-        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], SAVE_PRE=save_pre,
-        A_ACTIVATION=ACTIVATION_CODES[a_activation], GRAD_ACTIVATION=ACTIVATION_CODES[grad_activation],
-        DOT_PRECISION=dot_precision(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    arch, _multiprocessors = target(a.device)
+    launch = gemm_plan(arch, a.dtype, tokens, n, k, num_experts, b_transposed=b_transposed, has_bias=bias is not None,
+                       activation=activation, save_pre=save_pre, a_activation=a_activation,
+                       grad_activation=grad_activation, weight_aligned=b.data_ptr() % 16 == 0)  # fmt: skip
+    if launch.constexprs["USE_TMA"]:
+        install_allocator()
+    launch(out, pre, a, a if a_pre is None else a_pre, b, b if bias is None else bias, perm, offsets, tokens, n, k)
     return out, pre
 
 
@@ -300,97 +402,31 @@ def grouped_weight_grad(
     dbias = torch.empty(num_experts, n, dtype=x.dtype, device=x.device) if has_bias else None
     if n == 0 or num_experts == 0:
         return dweight, dbias
-    if interpreting():
-        block_m, block_n, block_k, num_warps, num_stages = 32, 32, 32, 4, 1
-    else:
-        block_m, block_n, block_k, num_warps, num_stages = 32, 128, 128, 8, 3  # no ptxas spills on sm_90
-    # K = 0 still takes one column of programs: the pid_k == 0 ones write the bias gradient
-    grid = (triton.cdiv(n, block_n), max(1, triton.cdiv(k, block_k)), num_experts)
-    _grouped_weight_grad_kernel[grid](
-        dweight, dweight if dbias is None else dbias, dy, dy if pre is None else pre, x, perm, offsets,
-        tokens, n, k,
-        NUM_EXPERTS=num_experts, HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation],
-        X_ACTIVATION=ACTIVATION_CODES[x_activation], DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    launch = weight_grad_plan(target(x.device)[0], x.dtype, tokens, n, k, num_experts, has_bias=has_bias,
+                              activation=activation, x_activation=x_activation)  # fmt: skip
+    launch(dweight, dweight if dbias is None else dbias, dy, dy if pre is None else pre, x, perm, offsets, tokens, n, k)
     return dweight, dbias
 
 
-# --- ahead-of-time compile specs (python -m mome.kernels.aot) ---
-
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GEMM_FLAGS = ["NUM_EXPERTS", "EXPERTS_PAD", "B_TRANSPOSED", "HAS_BIAS", "ACTIVATION", "SAVE_PRE", "A_ACTIVATION"]
-_GEMM_FLAGS += ["GRAD_ACTIVATION", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
-_WEIGHT_GRAD_FLAGS = ["NUM_EXPERTS", "HAS_BIAS", "ACTIVATION", "X_ACTIVATION", "DOT_PRECISION"]
-_WEIGHT_GRAD_FLAGS += ["BLOCK_M", "BLOCK_N", "BLOCK_K"]
-
-# (name, experts, activation, save_pre, a_activation, grad_activation, bias); every dtype compiles the FFN's three
-# GEMM kinds (forward + GELU, second GEMM with GELU on load, dX with GELU'), bf16 also the other variants.
-_GEMM_VARIANTS = [
-    ("fwd_gelu_E3", 3, 1, True, 0, 0, True),
-    ("ffn2_gelu_E3", 3, 0, False, 1, 0, True),
-    ("dx_gelu_E3", 3, 0, False, 0, 1, False),
-]
-_GEMM_VARIANTS_BF16 = [
-    ("fwd_tanh_E2", 2, 2, True, 0, 0, True),
-    ("fwd_plain_E1", 1, 0, False, 0, 0, False),
-    ("dx_relu_E2", 2, 0, False, 0, 3, False),
-]
-# (name, experts, bias, activation, x_activation)
-_WEIGHT_GRAD_VARIANTS = [("gelu_bias_E3", 3, True, 1, 0)]
-_WEIGHT_GRAD_VARIANTS_BF16 = [("ffn2_gelu_E3", 3, True, 0, 1), ("plain_E1", 1, False, 0, 0)]
-
-
-def _gemm_spec(dtype: torch.dtype, variant: tuple) -> AotSpec:
-    name, experts, activation, save_pre, a_activation, grad_activation, bias = variant
-    pointer = pointer_type(dtype)
-    prologue = a_activation != 0 or grad_activation != 0
-    signature = {"out": pointer, "pre_out": pointer, "a": pointer, "a_pre": pointer, "b": pointer, "bias": pointer}
-    signature |= {"perm": "*i32", "offsets": "*i32", "T": "i32", "N": "i32", "K": "i32"}
-    signature |= dict.fromkeys(_GEMM_FLAGS, "constexpr")
-    constexprs = dict(NUM_EXPERTS=experts, EXPERTS_PAD=triton.next_power_of_2(experts), HAS_BIAS=bias)
-    constexprs |= dict(ACTIVATION=activation, SAVE_PRE=save_pre, A_ACTIVATION=a_activation)
-    constexprs |= dict(GRAD_ACTIVATION=grad_activation, B_TRANSPOSED=grad_activation == 0)
-    constexprs |= dict(DOT_PRECISION=dot_precision(dtype))
-    block_m, block_n, block_k, num_warps, num_stages = _gpu_gemm_blocks(768, 3072, prologue, dtype)  # model widths
-    constexprs |= dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    return AotSpec(
-        f"grouped_gemm_{name}_{TRITON_TYPE[dtype]}",
-        _grouped_gemm_kernel,
-        signature,
-        constexprs,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        divisible_by_16=("N", "K"),  # model widths (768, 3072, ...): what launch-time specialisation sees
-    )
-
-
-def _weight_grad_spec(dtype: torch.dtype, variant: tuple) -> AotSpec:
-    name, experts, bias, activation, x_activation = variant
-    pointer = pointer_type(dtype)
-    signature = {"dweight": pointer, "dbias": pointer, "dy": pointer, "pre": pointer, "x": pointer}
-    signature |= {"perm": "*i32", "offsets": "*i32", "T": "i32", "N": "i32", "K": "i32"}
-    signature |= dict.fromkeys(_WEIGHT_GRAD_FLAGS, "constexpr")
-    constexprs = dict(NUM_EXPERTS=experts, HAS_BIAS=bias, ACTIVATION=activation, X_ACTIVATION=x_activation)
-    constexprs |= dict(DOT_PRECISION=dot_precision(dtype), BLOCK_M=32, BLOCK_N=128, BLOCK_K=128)
-    return AotSpec(
-        f"grouped_weight_grad_{name}_{TRITON_TYPE[dtype]}",
-        _grouped_weight_grad_kernel,
-        signature,
-        constexprs,
-        num_warps=8,
-        divisible_by_16=("N", "K"),
-    )
+# --- the plain compile check (python -m mome.kernels.aot): the FFN's GEMM kinds at model widths, as sm_80 plans ---
 
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    for dtype in _AOT_DTYPES:
-        extra = dtype == torch.bfloat16
-        specs += [_gemm_spec(dtype, v) for v in _GEMM_VARIANTS + (_GEMM_VARIANTS_BF16 if extra else [])]
-        weight_grads = _WEIGHT_GRAD_VARIANTS + (_WEIGHT_GRAD_VARIANTS_BF16 if extra else [])
-        specs += [_weight_grad_spec(dtype, v) for v in weight_grads]
-    return specs
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        tokens, d, f = 256 * 261, 768, 3072
+        specs += [
+            gemm_plan(80, dtype, tokens, f, d, 3, b_transposed=True, has_bias=True, activation="gelu", save_pre=True),
+            gemm_plan(80, dtype, tokens, d, f, 3, b_transposed=True, has_bias=True, a_activation="gelu"),
+            gemm_plan(80, dtype, tokens, d, f, 3, b_transposed=False, has_bias=False, grad_activation="gelu"),
+            weight_grad_plan(80, dtype, tokens, f, d, 3, has_bias=True, activation="gelu"),
+        ]
+        if dtype == torch.bfloat16:
+            specs += [
+                gemm_plan(80, dtype, tokens, f, d, 1, b_transposed=True, has_bias=False),
+                weight_grad_plan(80, dtype, tokens, d, f, 3, has_bias=True, activation=None, x_activation="gelu"),
+            ]
+    return [launch.spec() for launch in specs]
 
 
 AOT_SPECS = _aot_specs()

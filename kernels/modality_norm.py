@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from mome.kernels._common import TRITON_TYPE, interpreting, multiprocessors, narrow, pointer_type
 from mome.kernels._common import widen_bf16_in_interpreter as widen
-from mome.kernels.aot import AotSpec
+from mome.kernels._plan import GATE_TARGETS, Launch, divisible_by_16, target
+from mome.kernels.aot import GateCase
 from torch import Tensor
 
 MAX_ROW = 65536  # a whole row is one tile
@@ -136,6 +137,37 @@ def _row_tiling(d: int, *, backward: bool = False) -> tuple[int, int, int]:
     return block_m, block_d, num_warps
 
 
+def norm_fwd_plan(arch: int, dtype: torch.dtype, tokens: int, d: int, has_bias: bool) -> Launch:
+    """The forward launch; the same tiles on every architecture (no products: it streams rows at bandwidth)."""
+    block_m, block_d, num_warps = _row_tiling(d)
+    pointer = pointer_type(dtype)
+    signature = {"y": pointer, "mean_out": "*fp32", "rstd_out": "*fp32", "x": pointer, "modality": "*i64",
+                 "weight": pointer, "bias": pointer, "T": "i32", "D": "i32", "eps": "fp32"}  # fmt: skip
+    return Launch(f"modality_layer_norm_fwd_D{d}_{TRITON_TYPE[dtype]}", _modality_layer_norm_fwd_kernel,
+                  (triton.cdiv(tokens, block_m),), signature, dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_D=block_d),
+                  num_warps, divisible_by_16=divisible_by_16(T=tokens, D=d))  # fmt: skip
+
+
+def norm_bwd_plan(arch: int, dtype: torch.dtype, tokens: int, d: int, num_experts: int, has_bias: bool,
+                  max_groups: int) -> tuple[Launch, int]:  # fmt: skip
+    """The backward launch and its rows per program: at most ``max_groups`` programs (2 per SM), each a whole
+    number of row tiles."""
+    block_m, block_d, num_warps = _row_tiling(d, backward=True)
+    groups = max(1, min(max_groups, triton.cdiv(tokens, block_m)))
+    rows_per_group = max(1, triton.cdiv(triton.cdiv(tokens, groups), block_m)) * block_m
+    groups = max(1, triton.cdiv(tokens, rows_per_group))
+    pointer = pointer_type(dtype)
+    signature = {"dx": pointer, "dweight_partial": "*fp32", "dbias_partial": "*fp32", "dy": pointer, "x": pointer,
+                 "modality": "*i64", "weight": pointer, "mean": "*fp32", "rstd": "*fp32", "T": "i32", "D": "i32",
+                 "rows_per_group": "i32"}  # fmt: skip
+    constexprs = dict(NUM_EXPERTS=num_experts, EXPERTS_PAD=triton.next_power_of_2(num_experts), HAS_BIAS=has_bias,
+                      BLOCK_M=block_m, BLOCK_D=block_d)  # fmt: skip
+    launch = Launch(f"modality_layer_norm_bwd_D{d}_E{num_experts}_{TRITON_TYPE[dtype]}",
+                    _modality_layer_norm_bwd_kernel, (groups,), signature, constexprs, num_warps,
+                    divisible_by_16=divisible_by_16(T=tokens, D=d, rows_per_group=rows_per_group))  # fmt: skip
+    return launch, rows_per_group
+
+
 def layer_norm_forward(x: Tensor, modality: Tensor, weight: Tensor, bias: Tensor | None, eps: float):
     """``(y, mean, rstd)``: y in x's dtype, the statistics fp32. x ``(T, D)`` with ``1 <= D <= MAX_ROW``."""
     tokens, d = x.shape
@@ -144,12 +176,8 @@ def layer_norm_forward(x: Tensor, modality: Tensor, weight: Tensor, bias: Tensor
     rstd = torch.empty_like(mean)
     if tokens == 0:
         return y, mean, rstd
-    block_m, block_d, num_warps = _row_tiling(d)
-    _modality_layer_norm_fwd_kernel[(triton.cdiv(tokens, block_m),)](
-        y, mean, rstd, x, modality, weight, weight if bias is None else bias,
-        tokens, d, eps,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )  # fmt: skip
+    launch = norm_fwd_plan(target(x.device)[0], x.dtype, tokens, d, bias is not None)
+    launch(y, mean, rstd, x, modality, weight, weight if bias is None else bias, tokens, d, eps)
     return y, mean, rstd
 
 
@@ -158,62 +186,48 @@ def layer_norm_backward(dy, x, modality, weight, bias, mean, rstd):
     tokens, d = x.shape
     num_experts = weight.shape[0]
     dx = torch.empty_like(x)
-    block_m, block_d, num_warps = _row_tiling(d, backward=True)
     max_groups = 16 if interpreting() else 2 * multiprocessors(x.device)
-    groups = max(1, min(max_groups, triton.cdiv(tokens, block_m)))
-    rows_per_group = max(1, triton.cdiv(triton.cdiv(tokens, groups), block_m)) * block_m
-    groups = max(1, triton.cdiv(tokens, rows_per_group))
+    launch, rows_per_group = norm_bwd_plan(
+        target(x.device)[0], x.dtype, tokens, d, num_experts, bias is not None, max_groups
+    )
+    groups = launch.grid[0]
     partial = torch.empty(2 if bias is not None else 1, groups, num_experts, d, dtype=torch.float32, device=x.device)
     if tokens == 0:
         partial.zero_()
     else:
-        _modality_layer_norm_bwd_kernel[(groups,)](
-            dx, partial[0], partial[-1], dy, x, modality, weight, mean, rstd,
-            tokens, d, rows_per_group,
-            NUM_EXPERTS=num_experts, EXPERTS_PAD=triton.next_power_of_2(num_experts), HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-        )  # fmt: skip
+        launch(dx, partial[0], partial[-1], dy, x, modality, weight, mean, rstd, tokens, d, rows_per_group)
     dweight = partial[0].sum(dim=0).to(weight.dtype)
     dbias = partial[1].sum(dim=0).to(weight.dtype) if bias is not None else None
     return dx, dweight, dbias
 
 
-# --- ahead-of-time compile specs (python -m mome.kernels.aot) ---
+# --- the gate (python -m mome.kernels.aot --check) and the plain compile check: BEiT-3 / VLMo base and large ---
 
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _aot_specs() -> list[AotSpec]:
-    specs = []
-    for dtype in _AOT_DTYPES:
-        name, pointer = TRITON_TYPE[dtype], pointer_type(dtype)
-        for d in (768, 1024) if dtype == torch.bfloat16 else (1024,):
-            block_m, block_d, num_warps = _row_tiling(d)
-            bwd_block_m, _, bwd_num_warps = _row_tiling(d, backward=True)
-            specs.append(
-                AotSpec(
-                    f"modality_layer_norm_fwd_D{d}_{name}",
-                    _modality_layer_norm_fwd_kernel,
-                    {"y": pointer, "mean_out": "*fp32", "rstd_out": "*fp32", "x": pointer, "modality": "*i64"}
-                    | {"weight": pointer, "bias": pointer, "T": "i32", "D": "i32", "eps": "fp32"}
-                    | dict.fromkeys(["HAS_BIAS", "BLOCK_M", "BLOCK_D"], "constexpr"),
-                    {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_D": block_d},
-                    num_warps=num_warps,
-                )
-            )
-            specs.append(
-                AotSpec(
-                    f"modality_layer_norm_bwd_D{d}_E3_{name}",
-                    _modality_layer_norm_bwd_kernel,
-                    {"dx": pointer, "dweight_partial": "*fp32", "dbias_partial": "*fp32", "dy": pointer, "x": pointer}
-                    | {"modality": "*i64", "weight": pointer, "mean": "*fp32", "rstd": "*fp32"}
-                    | {"T": "i32", "D": "i32", "rows_per_group": "i32"}
-                    | dict.fromkeys(["NUM_EXPERTS", "EXPERTS_PAD", "HAS_BIAS", "BLOCK_M", "BLOCK_D"], "constexpr"),
-                    {"NUM_EXPERTS": 3, "EXPERTS_PAD": 4, "HAS_BIAS": True, "BLOCK_M": bwd_block_m, "BLOCK_D": block_d},
-                    num_warps=bwd_num_warps,
-                )
-            )
-    return specs
+GATE_WIDTHS = (768, 1024)
+GATE_TOKENS = (32 * 261, 256 * 261)  # 32-256 images of 197 tokens, each with 64 text tokens
 
 
-AOT_SPECS = _aot_specs()
+def gate_cases() -> list[GateCase]:
+    """Forward and backward with 3 experts (vision, language, vision-language); no products, so only the spill rule
+    bites. The backward's grid (2 programs per SM) changes only its runtime rows per program."""
+    cases = []
+    for arch, sms in GATE_TARGETS:
+        for dtype in (torch.bfloat16, torch.float32) if arch == 90 else (torch.bfloat16,):
+            for d in GATE_WIDTHS:
+                for tokens in GATE_TOKENS:
+                    use = f"D{d}, {tokens} tokens"
+                    cases.append(norm_fwd_plan(arch, dtype, tokens, d, True).gate_case(arch, dtype, use))
+                    launch, _ = norm_bwd_plan(arch, dtype, tokens, d, 3, True, 2 * sms)
+                    cases.append(launch.gate_case(arch, dtype, use))
+    return cases
+
+
+AOT_SPECS = [
+    spec
+    for dtype in (torch.float16, torch.bfloat16, torch.float32)
+    for d in GATE_WIDTHS
+    for spec in (
+        norm_fwd_plan(80, dtype, 8352, d, True).spec(),
+        norm_bwd_plan(80, dtype, 8352, d, 3, True, 216)[0].spec(),
+    )
+]

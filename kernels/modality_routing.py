@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mome.kernels.aot import AotSpec
+from mome.kernels._plan import GATE_TARGETS, Launch, divisible_by_16
+from mome.kernels.aot import GateCase
 from torch import Tensor
 
 ROUTING_BLOCK = 1024  # tokens per program; the second pass reads all block histograms, (T / 1024) x E ints
@@ -97,6 +98,32 @@ def _default_block(experts_pad: int) -> int:
     return max(64, min(ROUTING_BLOCK, ONE_HOT_ELEMENTS // experts_pad))
 
 
+def routing_plan(tokens: int, num_experts: int, *, block: int | None = None,
+                 blocks_chunk: int | None = None) -> tuple[Launch, Launch]:  # fmt: skip
+    """The two launches (count, scatter) of one routing; the same on every architecture (no products, a few
+    microseconds of memory traffic)."""
+    experts_pad = triton.next_power_of_2(num_experts)
+    block = _default_block(experts_pad) if block is None else block
+    num_blocks = triton.cdiv(tokens, block)
+    if blocks_chunk is None:
+        blocks_chunk = max(1, min(triton.next_power_of_2(num_blocks), COUNTS_ELEMENTS // experts_pad))
+    flags = dict(NUM_EXPERTS=num_experts, EXPERTS_PAD=experts_pad, BLOCK=block)
+    divisible = divisible_by_16(T=tokens, num_blocks=num_blocks)
+    count = Launch(
+        f"routing_count_E{num_experts}_b{block}",
+        _routing_count_kernel,
+        (num_blocks,),
+        {"block_counts": "*i32", "modality": "*i64", "T": "i32"},
+        flags,
+        divisible_by_16=divisible,
+    )
+    scatter = Launch(f"routing_scatter_E{num_experts}_b{block}c{blocks_chunk}", _routing_scatter_kernel, (num_blocks,),
+                     {"perm": "*i32", "inv_perm": "*i32", "offsets": "*i32", "modality": "*i64",
+                      "block_counts": "*i32", "T": "i32", "num_blocks": "i32"},
+                     dict(flags, BLOCKS_CHUNK=blocks_chunk), divisible_by_16=divisible)  # fmt: skip
+    return count, scatter
+
+
 def counting_sort(
     modality: Tensor, num_experts: int, *, block: int | None = None, blocks_chunk: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,17 +140,10 @@ def counting_sort(
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
     if tokens == 0:
         return perm, inv_perm, offsets.zero_()
-    experts_pad = triton.next_power_of_2(num_experts)
-    block = _default_block(experts_pad) if block is None else block
-    num_blocks = triton.cdiv(tokens, block)
-    if blocks_chunk is None:
-        blocks_chunk = max(1, min(triton.next_power_of_2(num_blocks), COUNTS_ELEMENTS // experts_pad))
-    block_counts = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=device)
-    flags = dict(NUM_EXPERTS=num_experts, EXPERTS_PAD=experts_pad, BLOCK=block)
-    _routing_count_kernel[(num_blocks,)](block_counts, modality, tokens, **flags)
-    _routing_scatter_kernel[(num_blocks,)](
-        perm, inv_perm, offsets, modality, block_counts, tokens, num_blocks, BLOCKS_CHUNK=blocks_chunk, **flags
-    )
+    count, scatter = routing_plan(tokens, num_experts, block=block, blocks_chunk=blocks_chunk)
+    block_counts = torch.empty(count.grid[0], num_experts, dtype=torch.int32, device=device)
+    count(block_counts, modality, tokens)
+    scatter(perm, inv_perm, offsets, modality, block_counts, tokens, count.grid[0])
     return perm, inv_perm, offsets
 
 
@@ -139,31 +159,18 @@ def modality_routing(modality: Tensor, num_experts: int) -> tuple[Tensor, Tensor
     return counting_sort(modality.contiguous(), num_experts)
 
 
-def _aot_specs() -> list[AotSpec]:
-    specs = []
-    for experts in (2, 3):
-        pad = triton.next_power_of_2(experts)
-        specs.append(
-            AotSpec(
-                f"routing_count_E{experts}",
-                _routing_count_kernel,
-                {"block_counts": "*i32", "modality": "*i64", "T": "i32"}
-                | {"NUM_EXPERTS": "constexpr", "EXPERTS_PAD": "constexpr", "BLOCK": "constexpr"},
-                {"NUM_EXPERTS": experts, "EXPERTS_PAD": pad, "BLOCK": ROUTING_BLOCK},
-            )
-        )
-        specs.append(
-            AotSpec(
-                f"routing_scatter_E{experts}",
-                _routing_scatter_kernel,
-                {"perm": "*i32", "inv_perm": "*i32", "offsets": "*i32", "modality": "*i64", "block_counts": "*i32"}
-                | {"T": "i32", "num_blocks": "i32"}
-                | {"NUM_EXPERTS": "constexpr", "EXPERTS_PAD": "constexpr", "BLOCKS_CHUNK": "constexpr"}
-                | {"BLOCK": "constexpr"},
-                {"NUM_EXPERTS": experts, "EXPERTS_PAD": pad, "BLOCKS_CHUNK": 16, "BLOCK": ROUTING_BLOCK},
-            )
-        )
-    return specs
+GATE_TOKENS = (32 * 261, 256 * 261)  # 32-256 images of 197 tokens, each with 64 text tokens
 
 
-AOT_SPECS = _aot_specs()
+def gate_cases() -> list[GateCase]:
+    """The routings of the gate's models (2 or 3 experts) on both targets; no products, so only the spill rule."""
+    cases = []
+    for arch, _multiprocessors in GATE_TARGETS:
+        for experts in (2, 3):
+            for tokens in GATE_TOKENS:
+                for launch in routing_plan(tokens, experts):
+                    cases.append(launch.gate_case(arch, None, f"{tokens} tokens, {experts} experts"))
+    return cases
+
+
+AOT_SPECS = [launch.spec() for experts in (2, 3) for launch in routing_plan(256 * 261, experts)]

@@ -1,11 +1,12 @@
 """``python -m mome demo``: train a tiny VLMo-style model from scratch on generated shapes and captions.
 
 Stage 1 trains the MoME encoder with VLMo's objectives: image-text contrastive (ITC), image-text
-matching (ITM) on the hard negatives that ``mome.ops.itc_loss`` samples, and masked language
-modelling (MLM) on fused image-text input. Stage 2 freezes the encoder and trains a caption decoder
-on its image tokens. Then it reports retrieval and ITM accuracy on held-out pairs next to chance,
-caption exact-match and word accuracy with a few generated captions, and writes a JSON of the metrics
-and a PNG plot.
+matching (ITM) on negatives half of which are the hard negatives that ``mome.ops.itc_loss`` samples
+and half random other scenes, and masked language modelling (MLM) on fused image-text input. Stage 2
+freezes the encoder and trains a caption decoder on its image tokens. Then it reports retrieval and
+balanced ITM accuracy (against random and against the hardest non-matches) on held-out pairs next to
+chance, caption exact-match and word accuracy with a few generated captions, and writes a JSON of the
+metrics and a PNG plot.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mome.demo_metrics import caption_scores, itm_scores, other_scene, recall_at
 from mome.models import MoMETransformer, vlmo_tiny
 from mome.nn import ITCHead, ITMHead, MLMHead, itm_inputs, mask_tokens
 from mome.nn.decoder import CaptionDecoder
@@ -36,6 +38,8 @@ class DemoOptions:
     device: str = "auto"
     batch_size: int = 48
     itm_pairs: int = 16  # ITM runs on this many positives, as many negative texts and negative images
+    itm_random_negatives: float = 0.5  # share of ITM negatives drawn among other scenes, the rest ITC-hard
+    itm_weight: float = 2.0  # of the ITM loss: 48 binary labels a step carry far less signal than ITC's 48 x 48
     eval_size: int = 256
     encoder_fraction: float = 0.6
     lr: float = 2e-3
@@ -138,12 +142,36 @@ class Pretrainer(nn.Module):
         return hidden[:, :text_len] if self.encoder.config.layout == "vlmo" else hidden[:, -text_len:]
 
     def itm_loss(self, batch: CaptionBatch, neg_text_idx: Tensor, neg_image_idx: Tensor, count: int) -> Tensor:
-        """ITM cross-entropy on ``count`` positives, ``count`` negative texts and ``count`` negative images."""
+        """ITM cross-entropy on ``count`` positives, ``count`` negative texts and ``count`` negative images, the two
+        classes weighted to count equally."""
         pairs = itm_inputs(batch.images, batch.text_ids, batch.padding_mask, neg_text_idx, neg_image_idx)
         groups = [batch.images.shape[0], int((neg_text_idx >= 0).sum()), int((neg_image_idx >= 0).sum())]
         pair_images, pair_ids, pair_padding, labels = self._itm_subset(pairs, groups, count)
         fused = self.encoder.encode_pair(pair_images, pair_ids, pair_padding)
-        return F.cross_entropy(self.itm(self.encoder.fused_cls(fused)), labels)
+        # one match per two non-matches: unweighted, the head learns odds of 1:2 and says "no match" to most of
+        # the matches of the balanced test; weighted, it learns even odds
+        matches = labels.float().mean().clamp(1e-6, 1 - 1e-6)
+        weight = torch.stack([0.5 / (1 - matches), 0.5 / matches]).to(fused.hidden.dtype)
+        return F.cross_entropy(self.itm(self.encoder.fused_cls(fused)), labels, weight=weight)
+
+    @staticmethod
+    def itm_negatives(batch: CaptionBatch, itc, random_share: float, generator) -> tuple[Tensor, Tensor]:
+        """ITM's negative text per image and negative image per text: ALBEF's hard negatives (drawn by ITC
+        similarity), each replaced with probability ``random_share`` by a pair of another scene drawn uniformly.
+
+        On hard negatives alone a fused encoder trained from scratch stays at the majority class for the whole
+        run: they share nearly every word with the positive, and an encoder that cannot yet compare image and text
+        finds no difference to start learning from. Random non-matches differ coarsely; with them mixed in, it
+        learns. Ids tell scenes apart, so a caption and its mirror are never each other's negatives.
+        """
+        if random_share == 0:  # ALBEF's negatives only, and no draw from the generator
+            return itc.neg_text_idx, itc.neg_image_idx
+        picked = []
+        for hard in (itc.neg_text_idx, itc.neg_image_idx):
+            drawn = other_scene(batch.caption_ids, generator)
+            swap = (torch.rand(hard.shape, generator=generator) < random_share).to(hard.device) & (drawn >= 0)
+            picked.append(torch.where(swap, drawn, hard))
+        return picked[0], picked[1]
 
     def losses(self, batch: CaptionBatch, data: ShapesCaptions, options: DemoOptions, generator) -> dict[str, Tensor]:
         images, text_ids, padding = batch.images, batch.text_ids, batch.padding_mask
@@ -155,7 +183,8 @@ class Pretrainer(nn.Module):
         itc = self.itc.loss(
             image_embed, text_embed, positive_ids=batch.caption_ids, hard_negatives="sample", generator=generator
         )
-        itm = self.itm_loss(batch, itc.neg_text_idx, itc.neg_image_idx, options.itm_pairs)
+        neg_text, neg_image = self.itm_negatives(batch, itc, options.itm_random_negatives, generator)
+        itm = self.itm_loss(batch, neg_text, neg_image, options.itm_pairs)
         tokenizer = data.tokenizer
         masked_ids, mlm_labels = mask_tokens(
             text_ids,
@@ -202,7 +231,7 @@ def train_encoder(model, data, options, steps, device, history, generator) -> No
     model.train()
     for step in range(steps):
         losses = model.losses(_on(data.train_batch(options.batch_size), device), data, options, generator)
-        loss = sum(losses.values())
+        loss = losses["itc"] + options.itm_weight * losses["itm"] + losses["mlm"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -234,51 +263,6 @@ def train_decoder(model, decoder, data, options, steps, device, history) -> None
         progress.update(step + 1, f"loss {loss.detach().item():.3f}")
 
 
-def recall_at(similarity: Tensor, k: int) -> float:
-    """Fraction of rows whose own column (the diagonal) ranks in the top k."""
-    k = min(k, similarity.shape[1])
-    top = similarity.topk(k, dim=1).indices
-    return float((top == torch.arange(similarity.shape[0], device=similarity.device)[:, None]).any(1).float().mean())
-
-
-def caption_scores(generated: list[str], equivalents: list[tuple[str, ...]]) -> tuple[float, float]:
-    """Exact-match rate and words-in-place rate of generated captions; each is scored against the closest
-    of its image's equivalent captions ("a X left of a Y" and "a Y right of a X" are both right)."""
-    exact, right_words, total_words = 0, 0, 0
-    for caption, truths in zip(generated, equivalents, strict=True):
-        words = caption.split()
-        in_place = [(sum(a == b for a, b in zip(words, t.split(), strict=False)), len(t.split())) for t in truths]
-        right, length = max(in_place, key=lambda score: score[0] / score[1])
-        exact += caption in truths
-        right_words, total_words = right_words + right, total_words + length
-    return exact / max(len(generated), 1), right_words / max(total_words, 1)
-
-
-@torch.no_grad()
-def itm_scores(model, batch: CaptionBatch, similarity: Tensor, chunk: int = 128) -> dict:
-    """ITM on held-out pairs as in training: every pair, each image with its hardest text and each text with
-    its hardest image (arg-max ITC similarity among the others). Accuracy next to the majority-class rate."""
-    size = similarity.shape[0]
-    others = similarity.masked_fill(torch.eye(size, dtype=torch.bool, device=similarity.device), float("-inf"))
-    pairs = itm_inputs(batch.images, batch.text_ids, batch.padding_mask, others.argmax(1), others.argmax(0))
-    logits = []
-    for start in range(0, pairs[0].shape[0], chunk):
-        rows = [t[start : start + chunk] for t in pairs[:3]]
-        logits.append(model.itm(model.encoder.fused_cls(model.encoder.encode_pair(*rows))))
-    logits, labels = torch.cat(logits), pairs[3]
-    predicted = logits.argmax(1)
-    majority = float(torch.bincount(labels, minlength=2).max()) / labels.numel()
-    return {
-        "pairs": int(labels.numel()),
-        "accuracy": float((predicted == labels).float().mean()),
-        "match_accuracy": float((predicted[labels == 1] == 1).float().mean()),
-        "no_match_accuracy": float((predicted[labels == 0] == 0).float().mean()),
-        "majority_rate": majority,
-        "loss": float(F.cross_entropy(logits, labels)),
-        "chance_loss": -(majority * math.log(majority) + (1 - majority) * math.log(1 - majority)),
-    }
-
-
 @torch.no_grad()
 def evaluate(model, decoder, held_out: CaptionBatch, data, options, device) -> dict:
     model.eval()
@@ -303,7 +287,7 @@ def evaluate(model, decoder, held_out: CaptionBatch, data, options, device) -> d
     return {
         "held_out_pairs": size,
         "retrieval": retrieval,
-        "itm": itm_scores(model, batch, similarity) if size > 1 else None,
+        "itm": itm_scores(model, batch, similarity, torch.Generator().manual_seed(options.seed)) if size > 1 else None,
         "caption_exact_match": exact,
         "caption_word_accuracy": word_accuracy,
         "examples": [
@@ -414,12 +398,19 @@ def print_report(metrics: dict, out: Path) -> None:
     print(f"  {'chance':<14}{chance['R@1']:>8.1%}{chance['R@5']:>8.1%}")
     itm = metrics["itm"]
     if itm is not None:
+        pairs = itm["random_negatives"]["pairs"] // 2
         print(
-            f"\nimage-text matching on {itm['pairs']} held-out pairs (each pair, its hardest text, its hardest image): "
-            f"{itm['accuracy']:.1%} right (majority class {itm['majority_rate']:.1%}; "
-            f"matches {itm['match_accuracy']:.1%}, non-matches {itm['no_match_accuracy']:.1%}), "
-            f"loss {itm['loss']:.3f} (chance {itm['chance_loss']:.3f})"
+            f"\nimage-text matching (fused [CLS]) on {pairs} held-out pairs and as many non-matches, "
+            "half a wrong text, half a wrong image:"
         )
+        print(f"  {'non-matches':<24}{'balanced accuracy':>19}{'matches':>9}{'non-matches':>13}{'loss':>8}")
+        for kind, label in (("random_negatives", "random other scene"), ("hard_negatives", "hardest by ITC (ALBEF)")):
+            score = itm[kind]
+            print(
+                f"  {label:<24}{score['balanced_accuracy']:>19.1%}{score['match_accuracy']:>9.1%}"
+                f"{score['no_match_accuracy']:>13.1%}{score['loss']:>8.3f}"
+            )
+        print(f"  {'majority class':<24}{itm['majority_rate']:>19.1%}{'':>22}{itm['chance_loss']:>8.3f}")
     print(
         f"\ncaptions (greedy, KV cache) on held-out images: {metrics['caption_exact_match']:.1%} exactly right, "
         f"{metrics['caption_word_accuracy']:.1%} of the words right in place (a caption or its mirror counts)"
@@ -448,6 +439,13 @@ def parse_args(argv: list[str] | None) -> DemoOptions:
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda (cuda runs the GPU kernels)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--eval-size", type=int, default=defaults.eval_size, help="held-out pairs for retrieval")
+    parser.add_argument(
+        "--itm-random-negatives",
+        type=float,
+        default=defaults.itm_random_negatives,
+        help="share of ITM negatives drawn among other scenes instead of ITC's hard ones (0: ALBEF's only)",
+    )
+    parser.add_argument("--itm-weight", type=float, default=defaults.itm_weight, help="weight of the ITM loss")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (default 1: the ops are tiny, more threads mostly wait)"
@@ -455,6 +453,10 @@ def parse_args(argv: list[str] | None) -> DemoOptions:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if not 0.0 <= args.itm_random_negatives <= 1.0:
+        parser.error(f"--itm-random-negatives must lie in [0, 1], got {args.itm_random_negatives}")
+    if args.itm_weight < 0:
+        parser.error(f"--itm-weight must be >= 0, got {args.itm_weight}")
     torch.set_num_threads(args.threads)
     return DemoOptions(
         steps=args.steps,
@@ -463,6 +465,8 @@ def parse_args(argv: list[str] | None) -> DemoOptions:
         device=args.device,
         batch_size=args.batch_size,
         eval_size=args.eval_size,
+        itm_random_negatives=args.itm_random_negatives,
+        itm_weight=args.itm_weight,
         quiet=args.quiet,
     )
 

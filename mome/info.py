@@ -8,6 +8,7 @@ import platform
 import torch
 
 import mome
+from mome.ops._backend import AUTO_ORDER, CPU_AUTO_ORDER
 from mome.settings import triton_interpreting
 
 # Modules by path: ``mome.ops.attention`` as an attribute is the function, not its module.
@@ -43,6 +44,15 @@ def _extension_lines() -> list[str]:
     return [f"mome._C: not available ({status.get('reason')})"]
 
 
+def _integration_lines() -> list[str]:
+    from mome.integrations import installed
+
+    found = [
+        f"{name} ({version})" if version else f"{name} (library not installed)" for name, version in installed().items()
+    ]
+    return ["integrations (mome.integrations.*): " + ", ".join(found)]
+
+
 def report() -> str:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
@@ -53,10 +63,12 @@ def report() -> str:
         f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible'}"
         f"{'  (TRITON_INTERPRET=1: triton runs on CPU tensors)' if triton_interpreting() else ''}",
         *_extension_lines(),
+        *_integration_lines(),
         "",
     ]
     for device in devices:
-        lines.append(f"backends for {device.type} tensors (auto picks the first usable of cuda, triton, reference):")
+        order = ", ".join(CPU_AUTO_ORDER if device.type == "cpu" else AUTO_ORDER)
+        lines.append(f"backends for {device.type} tensors (auto picks the first usable of {order}):")
         for op in OP_BACKENDS:
             for backend, why in op.report(device).items():
                 state = "available" if why is None else f"unavailable: {why}"

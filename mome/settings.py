@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
-BACKEND_CHOICES = ("auto", "reference", "triton", "cuda")
+BACKEND_CHOICES = ("auto", "reference", "native", "triton", "cuda")
 
 # name -> (environment variable, default when unset)
 _VARIABLES = {

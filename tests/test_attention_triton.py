@@ -180,7 +180,7 @@ HOPPER_TARGETS = {"128-row tiles, 8 warps": 0, "64-row tiles, 4 warps": 10**6}
 )
 def test_the_sm90_plan_matches_reference(monkeypatch, name, dtype, target):
     """The sm_90 launch plan (tensor descriptors, 128-row or 64-row tiles) run by the interpreter."""
-    monkeypatch.setattr(triton_attention, "_target", lambda device: (90, HOPPER_TARGETS[target]))
+    monkeypatch.setattr(triton_attention, "target", lambda device: (90, HOPPER_TARGETS[target]))
     batch, heads, kv_heads, nq, nk, dim, options = CASES[name]
     tensors, masks = make_case(batch, heads, kv_heads, nq, nk, dim, dtype, **options)
     shape = triton_attention._shape(*tensors)

@@ -12,6 +12,7 @@ import torch
 
 from mome.compat.torchscale import config_from_args, convert_state_dict, from_beit3, patch
 from mome.models import MoMETransformer
+from tests import torchvision_standin
 from tests.helpers import TOLERANCE, assert_close
 
 
@@ -35,6 +36,8 @@ def _import_torchscale():
     # and fairscale only for checkpoint/FSDP wrappers; drop_path is unused at drop_path_rate=0.
     if importlib.util.find_spec("timm") is None:
         _stand_in("timm.models.layers", drop_path=lambda x, drop_prob=0.0, training=False: x)
+    else:  # the real timm (the integration tests install it) imports torchvision: stand in for it where it is unusable
+        torchvision_standin.install_if_missing()
     if importlib.util.find_spec("fairscale") is None:
         _stand_in("fairscale.nn", checkpoint_wrapper=lambda module, **kwargs: module, wrap=lambda module, **kw: module)
     from torchscale.architecture.config import EncoderConfig

@@ -2,7 +2,8 @@
 MoMELayer, MoMETransformer and CaptionDecoder, with fullgraph=True, dynamic=True and two shapes, equal to eager.
 
 inductor (unlike aot_eager) trusts the strides each custom op's fake implementation promises, so an op whose real
-outputs have other strides computes garbage or fails here. CPU, reference backend (what `auto` picks on CPU).
+outputs have other strides computes garbage or fails here. CPU: the ops on both CPU backends (native, what `auto`
+picks, and the reference), the modules on native.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mome import settings
 from mome.models import MoMETransformer
 from mome.models.config import vlmo_tiny
 from mome.nn import CaptionDecoder, MoMELayer
@@ -25,6 +27,13 @@ def fresh_compile_state():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(params=["native", "reference"])
+def cpu_backend(request):
+    """What ``auto`` means inside the test: each CPU backend in turn."""
+    with settings.override(backend=request.param):
+        yield request.param
 
 
 def _leaves(*shapes, seed=0):
@@ -46,7 +55,7 @@ def _check_step(fn, make_inputs, sizes):
                 assert_close(a.grad, b.grad, 1e-5, f"grad of input {index} at size {size}")
 
 
-def test_attention_with_every_mask_and_gqa():
+def test_attention_with_every_mask_and_gqa(cpu_backend):
     def step(q, k, v, padding, modality):
         table = torch.tensor([[True, False], [True, True]])
         out = attention(q, k, v, causal=True, key_padding_mask=padding, prefix_len=2, modality=modality,
@@ -63,13 +72,13 @@ def test_attention_with_every_mask_and_gqa():
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
-def test_attention_plain(kv_heads):
+def test_attention_plain(kv_heads, cpu_backend):
     """The case of the report: H = Hkv, dk came back with transposed strides."""
     _check_step(lambda q, k, v: attention(q, k, v).sum(), lambda n: _leaves((2, 4, n, 8), *[(2, kv_heads, n, 8)] * 2),
                 (5, 11))  # fmt: skip
 
 
-def test_decode_attention_forward():
+def test_decode_attention_forward(cpu_backend):
     def step(q, k_cache, v_cache, lengths):
         return decode_attention(q, k_cache, v_cache, lengths).square().sum()
 
@@ -82,7 +91,7 @@ def test_decode_attention_forward():
         assert_close(compiled(*inputs(nmax)), step(*inputs(nmax)), 1e-5)
 
 
-def test_modality_ops():
+def test_modality_ops(cpu_backend):
     def step(x, w1, b1, w2, norm_w, norm_b, ids):
         hidden = modality_layer_norm(x, ids, norm_w, norm_b)
         y = modality_linear(hidden, ids, w1, b1, activation="gelu")
@@ -99,7 +108,7 @@ def test_modality_ops():
 
 
 @pytest.mark.parametrize("mode", ["clip_hardest", "momentum_queue"])
-def test_itc_loss(mode):
+def test_itc_loss(mode, cpu_backend):
     def step(image, text, scale, image_m, text_m, image_queue, text_queue):
         if mode == "clip_hardest":
             return itc_loss(image, text, scale, hard_negatives="hardest").loss

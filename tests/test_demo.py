@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mome.demo import (
-    DemoOptions,
-    History,
-    Progress,
-    caption_scores,
-    main,
-    recall_at,
-    run_demo,
-    write_plot,
-)
+from mome.demo import DemoOptions, History, Pretrainer, Progress, main, run_demo, write_plot
+from mome.demo_metrics import caption_scores, itm_eval_pairs, other_scene, recall_at
 from mome.shapes_data import COLORS, CaptionTokenizer, Scene, ShapesCaptions, render, sample_scene
 
 
@@ -151,8 +143,14 @@ def test_short_run_retrieves_far_above_chance(tmp_path):
     assert np.mean(history["itc"][-10:]) < np.mean(history["itc"][:10]) - 0.5, "the ITC loss should fall"
     assert np.mean(history["caption"][-5:]) < np.mean(history["caption"][:5]), "the caption loss should fall"
     itm = metrics["itm"]
-    assert itm["pairs"] == 3 * 64 and itm["majority_rate"] == pytest.approx(2 / 3)
-    assert 0.0 <= itm["accuracy"] <= 1.0 and np.isfinite(itm["loss"])
+    assert itm["majority_rate"] == 0.5 and itm["chance_loss"] == pytest.approx(np.log(2))
+    for kind in ("random_negatives", "hard_negatives"):
+        scores = itm[kind]
+        assert scores["pairs"] == 2 * 64, f"{kind}: each held-out pair and one non-match"
+        balanced = (scores["match_accuracy"] + scores["no_match_accuracy"]) / 2
+        assert scores["balanced_accuracy"] == pytest.approx(balanced)
+        assert scores["accuracy"] == pytest.approx(balanced), "as many matches as non-matches"
+        assert 0.0 <= balanced <= 1.0 and np.isfinite(scores["loss"])
     assert 0.0 <= metrics["caption_word_accuracy"] <= 1.0 and metrics["caption_exact_match"] <= 1.0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["retrieval"] == retrieval and saved["itm"] == itm
@@ -160,10 +158,81 @@ def test_short_run_retrieves_far_above_chance(tmp_path):
     assert all(set(example) == {"truth", "generated", "right"} for example in metrics["examples"])
 
 
+def _batch_with_mirrors(size: int, mirrors: int):
+    """Held-out-like pairs plus, for some two-shape scenes, a second pair captioned by the mirror: same image, other
+    caption text, same id."""
+    rng = np.random.default_rng(7)
+    scenes = [sample_scene(rng, jitter=0.03) for _ in range(size)]
+    twins = [scene.mirrored() for scene in scenes if len(scene.shapes) == 2][:mirrors]
+    return ShapesCaptions(0)._batch(scenes + twins, rng)
+
+
+def test_itm_eval_is_balanced_and_its_non_matches_are_true_ones():
+    batch = _batch_with_mirrors(40, 8)
+    ids, size = batch.caption_ids, batch.caption_ids.shape[0]
+    assert len(set(ids.tolist())) < size, "the batch should hold a caption and its mirror"
+    # similarity highest for pairs of the same scene (and, by the noise, arbitrary otherwise): a negative picked
+    # by similarity alone would be a caption that describes the image
+    same = ids[:, None] == ids[None, :]
+    similarity = same.float() * 10 + torch.rand(size, size, generator=torch.Generator().manual_seed(0))
+    pairs = itm_eval_pairs(ids, similarity, torch.Generator().manual_seed(0))
+    assert set(pairs) == {"hard", "random"}
+    rows = torch.arange(size)
+    for kind, (images, texts) in pairs.items():
+        assert images.shape == texts.shape == (size,), f"{kind}: one non-match per match"
+        assert ((images == rows) != (texts == rows)).all(), f"{kind}: each non-match keeps one side of its pair"
+        assert int((images == rows).sum()) == (size + 1) // 2, f"{kind}: half negative texts, half negative images"
+        assert (ids[images] != ids[texts]).all(), f"{kind}: a non-match shows the same scene"
+        for image, text in zip(images.tolist(), texts.tolist(), strict=True):
+            assert batch.captions[text] not in batch.equivalent_captions[image], (kind, image, text)
+    others = similarity.masked_fill(same, float("-inf"))
+    hard_images, hard_texts = pairs["hard"]
+    assert torch.equal(hard_texts[::2], others.argmax(1)[::2]), "even rows: each image with its hardest text"
+    assert torch.equal(hard_images[1::2], others.argmax(0)[1::2]), "odd rows: each text with its hardest image"
+    assert torch.equal(other_scene(torch.zeros(3, dtype=torch.int64)), torch.full((3,), -1))
+
+
+def test_itm_training_negatives_are_true_non_matches_of_both_kinds():
+    from mome import ops
+
+    batch = _batch_with_mirrors(40, 8)
+    ids, size = batch.caption_ids, batch.caption_ids.shape[0]
+    # features equal for a caption and its mirror, so that by similarity alone the mirror is the hardest negative
+    features = torch.nn.functional.normalize(torch.randn(int(ids.max()) + 1, 16), dim=1)[ids]
+    generator = torch.Generator().manual_seed(0)
+    itc = ops.itc_loss(features, features, 5.0, positive_ids=ids, hard_negatives="sample", generator=generator)
+    for share in (0.0, 0.5, 1.0):
+        neg_text, neg_image = Pretrainer.itm_negatives(batch, itc, share, generator)
+        rows = range(size)
+        for image, text in [*zip(rows, neg_text.tolist(), strict=True), *zip(neg_image.tolist(), rows, strict=True)]:
+            assert ids[image] != ids[text] and batch.captions[text] not in batch.equivalent_captions[image], share
+        hard = (neg_text == itc.neg_text_idx).float().mean(), (neg_image == itc.neg_image_idx).float().mean()
+        if share == 0.0:
+            assert hard == (1.0, 1.0)
+        elif share == 0.5:  # random ones in both directions (a random pick may equal the hard one by chance)
+            assert all(0.2 < fraction < 0.95 for fraction in hard), hard
+
+
+def test_the_fused_cls_that_itm_reads_sees_both_modalities():
+    options = DemoOptions()
+    data = ShapesCaptions(0, options.image_size, jitter=options.jitter)
+    model = Pretrainer(options, data.tokenizer.vocab_size, data.max_len)
+    batch = data.held_out(4)
+    images = batch.images.clone().requires_grad_(True)
+    embedded = model.encoder.embed_text(batch.text_ids, batch.padding_mask).detach().requires_grad_(True)
+    model.encoder.embed_text = lambda *args: embedded  # the text's embeddings as a leaf
+    fused = model.encoder.fused_cls(model.encoder.encode_pair(images, batch.text_ids, batch.padding_mask))
+    image_grad, text_grad = torch.autograd.grad(fused[0] @ torch.randn(fused.shape[1]), (images, embedded))
+    assert image_grad[0].abs().sum() > 0 and text_grad[0, 1:].abs().sum() > 0, "ITM's [CLS] must attend to both"
+    assert not image_grad[1:].any() and not text_grad[1:].any(), "pairs must not see each other"
+    padded = batch.padding_mask[0]
+    assert not text_grad[0, padded].any(), "padded text is masked out"
+
+
 def test_cli_prints_the_report(tmp_path, capsys):
     assert main(["--steps", "4", "--eval-size", "16", "--batch-size", "8", "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    expected_lines = ("image → text", "text → image", "chance", "image-text matching", "truth:", "exactly right")
+    expected_lines = ("image → text", "text → image", "chance", "image-text matching", "balanced accuracy", "truth:")
     for expected in (*expected_lines, str(tmp_path / "metrics.json")):
         assert expected in printed
     try:

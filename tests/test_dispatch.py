@@ -40,9 +40,50 @@ def _fake_backends(monkeypatch, **modules):
 GOOD = dict(fake_fwd=lambda x, scale: x * scale, LIMITS={"dtypes": (torch.float32,), "width": (1, 8)})
 
 
-def test_auto_on_cpu_tensors_is_the_reference(monkeypatch):
+def test_auto_on_cpu_tensors_is_native_then_the_reference(monkeypatch):
     backends = _fake_backends(monkeypatch, fake_reference=_module("fake_reference", **GOOD))
-    assert backends.choose("auto", {"x": torch.ones(3)})[0] == "reference"
+    assert backends.choose("auto", {"x": torch.ones(3)})[0] == "reference"  # an op without a native module
+    narrow_limits = {"dtypes": {"cpu": (torch.float32,)}, "width": (1, 4)}
+    narrow = _module("fake_native", fake_fwd=GOOD["fake_fwd"], LIMITS=narrow_limits)
+    monkeypatch.setitem(sys.modules, "fake_native", narrow)
+    with_native = OpBackends("fake_op", FAKE_FAMILY, {"reference": "fake_reference", "native": "fake_native"}, _measure)
+    assert with_native.choose("auto", {"x": torch.ones(3)})[0] == "native"
+    assert with_native.choose("auto", {"x": torch.ones(8)})[0] == "reference"  # native declines: the spec runs
+    with pytest.raises(BackendUnavailableError) as raised:
+        with_native.choose("native", {"x": torch.ones(8)})
+    message = str(raised.value)
+    assert "backend 'native' cannot run these inputs: it supports width (the last dim of x) in [1, 4], got 8" in message
+    assert message.endswith("; the reference backend can")
+    assert "the native backend runs on CPU tensors (got cuda)" == with_native.reason("native", {"x": _CudaLike()})
+
+
+def _cpu_inputs():
+    """One small CPU input per op of mome: (op backends, inputs as the op measures them)."""
+    from mome.ops.attention import BACKENDS as ATTENTION
+    from mome.ops.attention import AttentionMasks
+    from mome.ops.decode import BACKENDS as DECODE
+    from mome.ops.itc import BACKENDS as ITC
+    from mome.ops.itc import ITCOptions
+    from mome.ops.modality import FFN_BACKENDS, LAYER_NORM_BACKENDS, LINEAR_BACKENDS, ExpertLinear, ExpertNorm
+
+    q, x, rows = torch.ones(1, 1, 3, 4), torch.ones(2, 4), torch.ones(2, 4)
+    linear = (ExpertLinear(torch.ones(1, 3, 4)),)
+    return [
+        (ATTENTION, dict(q=q, masks=AttentionMasks())),
+        (DECODE, dict(q=q[:, :, 0], k_cache=q)),
+        (LINEAR_BACKENDS, dict(x=x, layers=linear)),
+        (FFN_BACKENDS, dict(x=x, layers=linear * 2)),
+        (LAYER_NORM_BACKENDS, dict(x=x, norm=ExpertNorm(torch.ones(1, 4)))),
+        (ITC, dict(image_rows=rows, image_columns=rows, options=ITCOptions())),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_every_op_runs_native_under_auto_on_cpu_tensors(dtype):
+    for op, inputs in _cpu_inputs():
+        cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        assert op.choose("auto", cast)[0] == "native", op.op
+        assert op.choose("reference", cast)[0] == "reference", op.op  # the spec stays selectable
 
 
 def test_a_module_that_breaks_the_contract_is_named_with_what_is_wrong(monkeypatch):
@@ -93,6 +134,8 @@ def test_mome_backend_overrides_auto(monkeypatch):
         attention(q, q, q)
     monkeypatch.setenv("MOME_BACKEND", "reference")
     assert attention(q, q, q).shape == q.shape
+    monkeypatch.setenv("MOME_BACKEND", "native")
+    assert torch.allclose(attention(q, q, q), attention(q, q, q, backend="reference"), atol=1e-6)
     monkeypatch.setenv("MOME_BACKEND", "fastest")
     with pytest.raises(ValueError, match="MOME_BACKEND must be one of"):
         attention(q, q, q)
@@ -125,4 +168,6 @@ def test_info_command_lists_every_op_and_backend():
     for op in ("attention", "decode_attention", "modality_linear", "modality_layer_norm", "itc_loss"):
         assert f"{op} " in result.stdout
     assert "reference  available" in result.stdout
+    assert "native     available" in result.stdout
+    assert "backends for cpu tensors (auto picks the first usable of native, reference)" in result.stdout
     assert "mome._C" in result.stdout

@@ -94,10 +94,9 @@ def run_op(case, dtype, backend, start, stop, whole, mining=None, generator=None
     scale = torch.tensor(case["scale"], dtype=torch.float64, requires_grad=True)
     names = ("image_m", "text_m", "image_queue", "text_queue", "ids", "queue_ids", "alpha")
     options = ITCOptions(*(cast.get(name) for name in names))
-    if whole:  # ITCOptions' fields are itc_loss's keyword arguments
-        out = itc_loss(
-            image, text, scale, **options._asdict(), hard_negatives=mining, generator=generator, backend=backend
-        )
+    if whole:  # ITCOptions' fields are itc_loss's keyword arguments, but for the mining columns (rows form only)
+        kwargs = {k: v for k, v in options._asdict().items() if not k.startswith("mining_")}
+        out = itc_loss(image, text, scale, **kwargs, hard_negatives=mining, generator=generator, backend=backend)
     else:
         momentum_rows = {k: None if t is None else t[start:stop] for k, t in options._asdict().items() if "_m" in k}
         columns = cast.get("image_m", image), cast.get("text_m", text)

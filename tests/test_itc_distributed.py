@@ -15,8 +15,15 @@ from mome.ops import itc_loss
 from tests.helpers import assert_close
 
 WORLD, LOCAL_BATCH, IN_DIM, EMBED_DIM, QUEUE = 2, 13, 12, 16, 37
-# (columns, hard negatives): CLIP (online columns, differentiable) and ALBEF (momentum columns, queue, alpha)
-SCENARIOS = (("clip", "hardest"), ("clip", "sample"), ("albef", "sample"))
+# (columns, hard negatives): CLIP (online columns, differentiable), ALBEF (momentum columns, queue, alpha), BLIP-2
+# (label smoothing, columns gathered without gradient), SigLIP (the sigmoid loss with a learnable bias)
+SCENARIOS = (("clip", "hardest"), ("clip", "sample"), ("albef", "sample"), ("blip2", "hardest"), ("siglip", "sample"))
+MODES = {
+    "clip": {},
+    "albef": dict(queue_size=QUEUE, embed_dim=EMBED_DIM, alpha=0.4),
+    "blip2": dict(label_smoothing=0.1, detach_columns=True),
+    "siglip": dict(loss="sigmoid", init_logit_bias=-2.0),
+}
 SAMPLE_SEED = 21
 
 
@@ -32,8 +39,7 @@ class TwoTower(nn.Module):
         self.albef = mode == "albef"
         self.register_buffer("image_proj_m", torch.randn(IN_DIM, EMBED_DIM, dtype=torch.float64))
         self.register_buffer("text_proj_m", torch.randn(IN_DIM, EMBED_DIM, dtype=torch.float64))
-        queue = dict(queue_size=QUEUE, embed_dim=EMBED_DIM, alpha=0.4) if self.albef else {}
-        self.loss = ITCLoss(gather=gather, hard_negatives=hard_negatives, backend=backend, **queue).double()
+        self.loss = ITCLoss(gather=gather, hard_negatives=hard_negatives, backend=backend, **MODES[mode]).double()
 
     def features(self, images, texts):
         image_feats = F.normalize(self.image_proj(images), dim=-1)
@@ -171,7 +177,9 @@ def whole_batch_rows_picks(model, backend, mining):
         torch.manual_seed(0)  # the queue as TwoTower's construction left it, before the step refilled it
         fresh = TwoTower(backend, False, "albef", mining).loss.queue
         queue = dict(image_queue=fresh.image_queue.double(), text_queue=fresh.text_queue.double(), queue_ids=fresh.ids)
-    options = mome.ops.itc.ITCOptions(**momentum, alpha=model.loss.alpha, positive_ids=ids, **queue)
+    options = mome.ops.itc.ITCOptions(**momentum, alpha=model.loss.alpha, positive_ids=ids, **queue,
+                                      label_smoothing=model.loss.label_smoothing, loss=model.loss.loss)  # fmt: skip
+    bias = {} if model.loss.logit_bias is None else {"logit_bias": model.loss.logit_bias.detach()}
     result = mome.ops.itc.itc_loss_rows(
         image_feats,
         text_feats,
@@ -183,6 +191,7 @@ def whole_batch_rows_picks(model, backend, mining):
         hard_negatives=mining,
         seed=seed,
         backend=backend,
+        **bias,
     )
     return result.neg_text_idx, result.neg_image_idx
 
@@ -191,10 +200,9 @@ def test_each_rank_computes_only_its_rows(two_ranks):
     _backend, ranks = two_ranks
     for rank, run in enumerate(ranks):
         assert len(run["calls"]) == len(SCENARIOS)
-        for call in run["calls"]:
-            assert call == dict(
-                rows=LOCAL_BATCH, columns=WORLD * LOCAL_BATCH, offset=rank * LOCAL_BATCH, lse=(LOCAL_BATCH,)
-            )
+        for call, (mode, _mining) in zip(run["calls"], SCENARIOS, strict=True):
+            saved = (0,) if mode == "siglip" else (LOCAL_BATCH,)  # the sigmoid loss has no log-sum-exp
+            assert call == dict(rows=LOCAL_BATCH, columns=WORLD * LOCAL_BATCH, offset=rank * LOCAL_BATCH, lse=saved)
 
 
 def _unequal_worker(rank, store_path, result_dir):

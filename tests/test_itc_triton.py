@@ -87,6 +87,22 @@ def test_half_features_under_interpreter(name, dtype):
     check_against_reference(make_case(**CASES[name]), dtype, TOLERANCE[dtype])
 
 
+def test_plain_clip_is_one_forward_pass_and_wide_partials_fall_back_to_two(monkeypatch):
+    """Plain CLIP runs one forward pass for both directions (the column partials give t2i's log-sum-exp), unless
+    its partials would outgrow the features (B = 300 at d = 2: the two-pass path)."""
+    from mome.kernels import itc as kernels
+
+    passes = []
+    for name in ("_clip_fwd", "_direction_stats"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: passes.append(_n) or _f(*a, **k))
+    check_against_reference(make_case(45, 24), torch.float32, TOLERANCE[torch.float32])  # fp32: no fp64 re-run
+    assert passes == ["_clip_fwd"], passes
+    passes.clear()
+    check_against_reference(make_case(300, 2), torch.float32, TOLERANCE[torch.float32])
+    assert passes == ["_direction_stats", "_direction_stats"], passes
+
+
 def test_one_online_column_side():
     """Only image momentum given (alpha = 0): texts are columns of i2t and get both gradients, images one."""
     case = make_case(29, 16, queue=11)

@@ -94,6 +94,16 @@ def test_the_gate_passes_on_every_kernel_the_launchers_plan(tmp_path):
     rows = json.loads(report.read_text())
     kernels = {row["name"].split("_bf16")[0] for row in rows if row["arch"] == 90}
     assert {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"} <= kernels
-    hopper = [row for row in rows if row["arch"] == 90 and "fp32" not in row["name"] and "delta" not in row["name"]]
+    names = [row["name"] for row in rows if row["arch"] == 90]
+    # every family's kernels at the configurations their launch plans choose (issue 15)
+    families = ("itc_fwd", "itc_bwd_rows", "itc_bwd_cols", "grouped_gemm_fwd", "grouped_gemm_dx", "grouped_weight_grad",
+                "modality_layer_norm_fwd", "modality_layer_norm_bwd", "routing_count", "routing_scatter",
+                "decode_split", "decode_combine")  # fmt: skip
+    assert all(any(name.startswith(family) for name in names) for family in families), sorted(names)
+    products = [row for row in rows if row["arch"] == 90 and row["name"].startswith(("itc_", "grouped_"))]
+    sixteen_bit = [row for row in products if "fp32" not in row["name"]]
+    assert sixteen_bit and all(row["wgmma"] > 0 and row["mma_sync"] == 0 and row["cp_async"] > 0 for row in sixteen_bit)
+    hopper = [row for row in rows if row["arch"] == 90 and row["name"].startswith("attention")
+              and "fp32" not in row["name"] and "delta" not in row["name"]]  # fmt: skip
     assert hopper and all(row["wgmma"] > 0 and row["mma_sync"] == 0 and row["tma"] > 0 for row in hopper)
     print(result.stdout)

@@ -1,4 +1,4 @@
-"""The layers import one way (README, Layout): modules -> ops -> kernels | cuda | reference, and nothing circles.
+"""The layers import one way (README, Layout): modules -> ops -> kernels | cuda | native -> reference, nothing circles.
 
 Every import statement of the package's source is read with ``ast`` (module level and inside functions: a lazy
 import is still a dependency), resolved to a module of the package, and checked against the layer rules.
@@ -63,11 +63,13 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 LAYERS = {
     "mome.kernels": {"mome.kernels"},
     "mome.reference": {"mome.reference"},
+    "mome.native": {"mome.native", "mome.reference"},  # the spec's helpers, and its launchers for what it declines
     "mome.cuda": {"mome.cuda"},
     "mome.settings": set(),
-    "mome.ops": {"mome.ops", "mome.kernels", "mome.reference", "mome.cuda", "mome.settings"},
+    "mome.ops": {"mome.ops", "mome.kernels", "mome.reference", "mome.native", "mome.cuda", "mome.settings"},
     "mome.nn": {"mome.nn", "mome.ops", "mome.settings"},
     "mome.models": {"mome.models", "mome.nn", "mome.ops", "mome.settings"},
+    "mome.integrations": {"mome.integrations", "mome.nn", "mome.ops", "mome.settings"},
 }
 
 

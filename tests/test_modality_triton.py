@@ -118,6 +118,18 @@ def test_ffn_forward_and_gradients(case, dtype):
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans a CPU launch as sm_90")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_ffn_as_planned_for_sm90_weights_by_tma(dtype, monkeypatch):
+    """sm_90's plan (weights by tensor descriptors, BLOCK_K of the Hopper table) run by the interpreter, with
+    widths that are multiples of 8 (TMA rows) but not of the tiles."""
+    from mome.kernels import modality_gemm
+
+    monkeypatch.setattr(modality_gemm, "target", lambda device: (90, 132))
+    assert modality_gemm.gemm_plan(90, dtype, 61, 40, 24, 3, b_transposed=True, has_bias=True).constexprs["USE_TMA"]
+    test_ffn_forward_and_gradients(FFN_CASES[0], dtype)
+
+
 LAYER_NORM_CASES = [
     # name, tokens, experts, dim, layout, bias
     ("T1", 1, 2, 40, "interleaved", True),
@@ -270,9 +282,9 @@ def _backends_inputs(op, x, params):
     return (modality.LINEAR_BACKENDS if op == "linear" else modality.FFN_BACKENDS), dict(x=x, layers=layers)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: auto is the reference")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: auto never picks triton")
 @pytest.mark.parametrize("case", LIMIT_CASES, ids=lambda c: c[0])
-def test_limits_decline_triton_before_a_launch_and_auto_gives_the_reference(case):
+def test_limits_decline_triton_before_a_launch_and_auto_falls_back(case):
     from mome.ops import BackendUnavailableError
 
     _, op, x_shape, parameter_shapes, limit = case
@@ -282,14 +294,16 @@ def test_limits_decline_triton_before_a_launch_and_auto_gives_the_reference(case
     assert backends.reason("reference", inputs) is None
     with pytest.raises(BackendUnavailableError, match=re.escape(limit)):
         run("triton", x, *params)
+    chosen = backends.choose("auto", inputs)[0]
+    assert chosen in ("native", "reference")  # CPU tensors: torch's own kernels, else the spec
     leaves = [t.clone().requires_grad_() for t in (x, *params)]
     out = run("auto", *leaves)
     out.backward(torch.ones_like(out))
-    reference = [t.clone().requires_grad_() for t in (x, *params)]
-    expected = run("reference", *reference)
+    same = [t.clone().requires_grad_() for t in (x, *params)]
+    expected = run(chosen, *same)
     expected.backward(torch.ones_like(expected))
     assert out.shape == expected.shape and torch.equal(out, expected)
-    for got, want in zip(leaves, reference, strict=True):
+    for got, want in zip(leaves, same, strict=True):
         assert got.grad.shape == want.shape and torch.equal(got.grad, want.grad)
 
 

@@ -72,9 +72,10 @@ def _declined(error: RuntimeError) -> bool:
 
 
 def _loaded(probe) -> list[str]:
-    """The backends for which ``probe(backend)`` runs here (reference always; triton under the interpreter)."""
+    """The backends for which ``probe(backend)`` runs here (reference always; native on CPU tensors; triton under the
+    interpreter)."""
     names = []
-    for backend in ("reference", "triton", "cuda"):
+    for backend in ("reference", "native", "triton", "cuda"):
         try:
             probe(backend)
         except RuntimeError as error:
@@ -102,7 +103,7 @@ ITC_BACKENDS = _loaded(lambda b: ops.itc_loss(_t(2, 4), _t(2, 4), 1.0, backend=b
 
 
 def dtypes_of(backend: str) -> tuple[torch.dtype, ...]:
-    return (torch.float64, torch.float32) if backend == "reference" else (torch.float32, torch.float16)
+    return (torch.float64, torch.float32) if backend in ("reference", "native") else (torch.float32, torch.float16)
 
 
 # --- comparison --------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 from mome.nn.attention import MultiheadAttention, MultiwaySelfAttention, SharedSelfAttention, replace_attention
 from mome.nn.decoder import CaptionDecoder
+from mome.nn.freeze import freeze_experts, unfreeze_experts
 from mome.nn.heads import ITCHead, ITMHead, MLMHead, itm_inputs, mask_tokens
 from mome.nn.itc import ITCLoss
 from mome.nn.layer import MoMELayer
+from mome.nn.masks import MaskStructure, attach_structure
 from mome.nn.multiway import (
     LANGUAGE,
     VISION,
@@ -26,6 +28,7 @@ __all__ = [
     "ITCLoss",
     "ITMHead",
     "MLMHead",
+    "MaskStructure",
     "ModalityFFN",
     "MoMELayer",
     "MultiheadAttention",
@@ -33,10 +36,13 @@ __all__ = [
     "MultiwayLinear",
     "MultiwaySelfAttention",
     "SharedSelfAttention",
+    "attach_structure",
     "copy_params",
+    "freeze_experts",
     "itm_inputs",
     "mask_tokens",
     "modality_from_split",
     "momentum_update",
     "replace_attention",
+    "unfreeze_experts",
 ]

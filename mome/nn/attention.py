@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
+from mome.nn.masks import attached_structure
 from mome.nn.multiway import MultiwayLayerNorm, MultiwayLinear
 
 
@@ -41,7 +42,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     existing state_dict unchanged. The fused op runs when ``need_weights=False`` and the masks are
     structure it expresses: no attn_mask, or the causal mask (``is_causal=True``, or an ``(L, L)`` bool /
     0-and-``-inf`` float mask equal to it, with query and key lengths equal), and a bool key_padding_mask
-    (or a float one holding only 0 and ``-inf``). Everything else falls back to the parent's forward:
+    (or a float one holding only 0 and ``-inf``), or any attn_mask (2-D or the 3-D ``(B·H, L, S)``) that carries its
+    structure (:func:`mome.nn.masks.attach_structure`, read without a host sync; a leading ``[:L, :L]`` slice of a
+    causal mask that carries it counts too). Everything else falls back to the parent's forward:
     ``need_weights=True``, any other attn_mask (arbitrary float biases, 3-D per-head masks), attention
     dropout while training, ``add_bias_kv`` and ``add_zero_attn``. A query whose keys are all masked gets a
     zero attention output (then ``out_proj``), as the parent gives with ``need_weights=False``; the parent's
@@ -83,6 +86,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             if is_causal:
                 raise RuntimeError("Need attn_mask if specifying the is_causal hint")  # the parent's message
             return True, False, padding
+        known, structure = attached_structure(attn_mask)
+        if known and structure is not None and (tgt_len == src_len or not structure.causal):
+            extra = structure.key_padding_mask
+            if extra is not None:
+                padding = extra if padding is None else padding | extra
+            return True, structure.causal, padding
         if tgt_len != src_len:
             return False, False, None
         if is_causal and key_padding_mask is None:
@@ -135,6 +144,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         elif not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         batch = query.shape[0]
+        if padding is not None and padding.shape[0] != batch:  # a structure's (1, S) padding, shared by the batch
+            padding = padding.expand(batch, src_len)
         w_q, w_k, w_v, b_q, b_k, b_v = self._projections()
         heads, head_dim = self.num_heads, self.head_dim
         q = F.linear(query, w_q, b_q).reshape(batch, tgt_len, heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]

@@ -23,24 +23,25 @@ from mome.ops.itc import ITCOutput
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """``cat`` of every rank's equally sized ``(b, ...)`` tensor; backward: all-reduce (sum), keep this rank's rows.
+    """``cat`` of every rank's equally sized ``(b, ...)`` tensor; backward: reduce-scatter (sum), this rank's rows.
 
     Every rank's loss depends on every rank's features through the columns: the sum collects those
-    contributions to this rank's features.
+    contributions to this rank's features. Only this rank's ``b`` rows of the sum are needed, so a
+    reduce-scatter (each rank receives ``1/world`` of the sum) does it with half the traffic of an all-reduce.
     """
 
     @staticmethod
     def forward(ctx, tensor: Tensor, group) -> Tensor:
         parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, tensor.contiguous(), group=group)
-        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), tensor.shape[0]
+        ctx.group, ctx.rows = group, tensor.shape[0]
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+        mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(mine, grad.contiguous(), group=ctx.group)
+        return mine, None
 
 
 def gather_with_grad(tensor: Tensor, group=None) -> Tensor:
@@ -56,7 +57,7 @@ def gather_no_grad(tensor: Tensor, group=None) -> Tensor:
 
 
 class ITCLoss(nn.Module):
-    """Symmetric InfoNCE between image and text features, open_clip's ClipLoss and ALBEF's ITA in one module.
+    """Image-text contrastive loss: open_clip's ClipLoss and SigLipLoss, ALBEF's ITA, BLIP's and BLIP-2's ITC.
 
     Args:
         init_temperature: the similarities are multiplied by ``scale = exp(logit_scale)``, starting at
@@ -74,6 +75,11 @@ class ITCLoss(nn.Module):
             gathered batch, in rank order, and ``"sample"`` draws use a seed broadcast from the
             group's first rank, keyed by global row, so they do not depend on the number of ranks.
             The queue is refilled with the gathered batch.
+        loss: ``"softmax"`` (InfoNCE) or ``"sigmoid"`` (SigLIP, with a ``logit_bias`` starting at
+            ``init_logit_bias``, a parameter when ``learnable_scale``), as in :func:`mome.ops.itc_loss`.
+        label_smoothing, hard_negative_source: as in :func:`mome.ops.itc_loss` (BLIP-2: 0.1; BLIP: "similarity").
+        detach_columns: the columns carry no gradient (BLIP-2, VLMo); with ``gather=True`` the batch is then
+            gathered without gradient.
     """
 
     def __init__(
@@ -88,6 +94,11 @@ class ITCLoss(nn.Module):
         hard_negatives: str | None = None,
         gather: bool = False,
         process_group=None,
+        loss: str = "softmax",
+        init_logit_bias: float = -10.0,
+        label_smoothing: float = 0.0,
+        hard_negative_source: str = "loss",
+        detach_columns: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
@@ -101,11 +112,23 @@ class ITCLoss(nn.Module):
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         if hard_negatives not in ops.itc.HARD_NEGATIVES:
             raise ValueError(f"hard_negatives must be one of {ops.itc.HARD_NEGATIVES}, got {hard_negatives!r}")
+        if loss not in ops.itc.LOSSES:
+            raise ValueError(f"loss must be one of {ops.itc.LOSSES}, got {loss!r}")
+        if hard_negative_source not in ops.itc.HARD_NEGATIVE_SOURCES:
+            sources = ops.itc.HARD_NEGATIVE_SOURCES
+            raise ValueError(f"hard_negative_source must be one of {sources}, got {hard_negative_source!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         logit_scale = torch.tensor(math.log(1.0 / init_temperature))
+        logit_bias = torch.tensor(float(init_logit_bias)) if loss == "sigmoid" else None
         if learnable_scale:
             self.logit_scale = nn.Parameter(logit_scale)
+            self.logit_bias = None if logit_bias is None else nn.Parameter(logit_bias)
         else:
             self.register_buffer("logit_scale", logit_scale)
+            self.register_buffer("logit_bias", logit_bias)
+        self.loss, self.label_smoothing = loss, label_smoothing
+        self.hard_negative_source, self.detach_columns = hard_negative_source, detach_columns
         self.max_scale = max_scale
         self.queue = FeatureQueue(embed_dim, queue_size) if queue_size > 0 else None
         self.alpha, self.hard_negatives, self.backend = alpha, hard_negatives, backend
@@ -114,6 +137,11 @@ class ITCLoss(nn.Module):
     @property
     def scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=self.max_scale)
+
+    def _loss_kwargs(self) -> tuple[dict, dict]:
+        """The op's loss options; the sigmoid loss's bias is an argument of its own (differentiable)."""
+        options = dict(loss=self.loss, label_smoothing=self.label_smoothing)
+        return options, ({} if self.logit_bias is None else {"logit_bias": self.logit_bias})
 
     def _queue_kwargs(self, dtype: torch.dtype, positive_ids: Tensor | None) -> dict:
         if self.queue is None:
@@ -142,6 +170,7 @@ class ITCLoss(nn.Module):
         """``(B, d)`` unit-norm features (and momentum features, ``(B,)`` pair ids) -> ``ITCOutput``."""
         if self.gather:
             return self._forward_gathered(image_feats, text_feats, image_feats_m, text_feats_m, positive_ids, generator)
+        options, bias = self._loss_kwargs()
         result = ops.itc_loss(
             image_feats,
             text_feats,
@@ -152,7 +181,11 @@ class ITCLoss(nn.Module):
             positive_ids=positive_ids,
             hard_negatives=self.hard_negatives,
             generator=generator,
+            hard_negative_source=self.hard_negative_source,
+            detach_columns=self.detach_columns,
             backend=self.backend,
+            **options,
+            **bias,
             **self._queue_kwargs(image_feats.dtype, positive_ids),
         )
         self._refill(
@@ -174,18 +207,25 @@ class ITCLoss(nn.Module):
                 f"ITCLoss(gather=True) needs the same local batch size on every rank (the ranks' mean loss is then "
                 f"the global mean), got sizes {sizes.tolist()} in rank order"
             )
-        image_columns = (
-            gather_with_grad(image_feats, group) if image_feats_m is None else gather_no_grad(image_feats_m, group)
-        )
-        text_columns = (
-            gather_with_grad(text_feats, group) if text_feats_m is None else gather_no_grad(text_feats_m, group)
-        )
+        online = gather_no_grad if self.detach_columns else gather_with_grad
+        image_columns = online(image_feats, group) if image_feats_m is None else gather_no_grad(image_feats_m, group)
+        text_columns = online(text_feats, group) if text_feats_m is None else gather_no_grad(text_feats_m, group)
         global_ids = None if positive_ids is None else gather_no_grad(positive_ids, group)
+        mining = {}
+        momentum = image_feats_m is not None or text_feats_m is not None
+        if self.hard_negatives is not None and self.hard_negative_source == "similarity" and momentum:
+            mining = dict(
+                mining_image_columns=gather_no_grad(image_feats, group),
+                mining_text_columns=gather_no_grad(text_feats, group),
+            )
+        loss_options, bias = self._loss_kwargs()
         options = ops.itc.ITCOptions(
             image_feats_m=image_feats_m,
             text_feats_m=text_feats_m,
             positive_ids=global_ids,
             alpha=self.alpha,
+            **loss_options,
+            **mining,
             **self._queue_kwargs(image_feats.dtype, global_ids),
         )
         result = ops.itc.itc_loss_rows(
@@ -198,7 +238,9 @@ class ITCLoss(nn.Module):
             options=options,
             hard_negatives=self.hard_negatives,
             seed=self._shared_seed(generator, image_feats.device) if self.hard_negatives == "sample" else 0,
+            hard_negative_source=self.hard_negative_source,
             backend=self.backend,
+            **bias,
         )
         self._refill(image_columns.detach(), text_columns.detach(), global_ids)
         return ITCOutput(*result[:5])
@@ -211,5 +253,10 @@ class ITCLoss(nn.Module):
         return int(seed)
 
     def extra_repr(self) -> str:
-        parts = [f"alpha={self.alpha}", f"hard_negatives={self.hard_negatives!r}", f"gather={self.gather}"]
+        parts = [f"loss={self.loss!r}", f"alpha={self.alpha}", f"hard_negatives={self.hard_negatives!r}"]
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.hard_negatives is not None:
+            parts.append(f"hard_negative_source={self.hard_negative_source!r}")
+        parts += [f"gather={self.gather}", f"detach_columns={self.detach_columns}"]
         return ", ".join(parts)

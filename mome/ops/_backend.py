@@ -36,8 +36,9 @@ import torch
 
 from mome import settings
 
-BACKENDS = ("reference", "triton", "cuda")
-AUTO_ORDER = ("cuda", "triton", "reference")
+BACKENDS = ("reference", "native", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton", "reference")  # CUDA tensors
+CPU_AUTO_ORDER = ("native", "reference")  # CPU tensors: torch's own fused CPU kernels, then the spec
 
 
 class BackendUnavailableError(RuntimeError):
@@ -135,6 +136,8 @@ def device_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on tensors of ``device`` at all, or None."""
     if backend == "reference":
         return None
+    if backend == "native":
+        return None if device.type == "cpu" else f"the native backend runs on CPU tensors (got {device.type})"
     if backend == "triton":
         if not _triton_installed():
             return "triton is not installed (pip install 'mome[triton]')"
@@ -223,7 +226,7 @@ class OpBackends:
                 hint = f"; the {' and '.join(others)} backend{'s' if len(others) > 1 else ''} can" if others else ""
                 raise BackendUnavailableError(f"{self.op}: backend {backend!r} cannot run these inputs: {why}{hint}")
             return backend, self.loaded(backend)[0]
-        order = AUTO_ORDER if device.type != "cpu" else ("reference",)
+        order = AUTO_ORDER if device.type != "cpu" else CPU_AUTO_ORDER
         reasons = {}
         for candidate in order:
             why = self.reason(candidate, inputs)

@@ -80,7 +80,7 @@ def _measure(inputs: dict):
 BACKENDS = OpBackends(
     "attention",
     FAMILY,
-    {"reference": "mome.reference.attention", "triton": "mome.kernels.attention"},
+    {"reference": "mome.reference.attention", "native": "mome.native.attention", "triton": "mome.kernels.attention"},
     _measure,
 )
 
@@ -216,7 +216,7 @@ def attention(
             of modality j iff ``modality_mask[i, j]``.
         scale: a number multiplying ``q kᵀ``; defaults to ``D ** -0.5``. A one-element tensor is read as a number
             when it does not require grad; a learnable scale is refused (fold it into q instead).
-        backend: ``"auto" | "reference" | "triton" | "cuda"`` (``MOME_BACKEND`` overrides auto).
+        backend: ``"auto" | "reference" | "native" | "triton" | "cuda"`` (``MOME_BACKEND`` overrides auto).
 
     Returns:
         ``(B, H, Nq, D)`` in q's dtype. A query that sees no key gets zeros and zero gradient. A key a query does

@@ -58,7 +58,12 @@ def _measure(inputs: dict):
 BACKENDS = OpBackends(
     "decode_attention",
     FAMILY,
-    {"reference": "mome.reference.decode", "triton": "mome.kernels.decode", "cuda": "mome.cuda.decode"},
+    {
+        "reference": "mome.reference.decode",
+        "native": "mome.native.decode",
+        "triton": "mome.kernels.decode",
+        "cuda": "mome.cuda.decode",
+    },
     _measure,
 )
 

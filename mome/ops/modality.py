@@ -133,7 +133,7 @@ ROUTING_FAMILY = Family(
     sizes={"experts": "E, the number of experts", "tokens": "T, the ids routed"},
 )
 
-_MODULES = {"reference": "mome.reference.modality", "triton": "mome.kernels.modality"}
+_MODULES = {"reference": "mome.reference.modality", "native": "mome.native.modality", "triton": "mome.kernels.modality"}
 
 
 def _measure_linears(inputs: dict):
@@ -187,9 +187,9 @@ def _(modality, num_experts, backend):
 
 
 def _routing_backend(chosen: str, inputs: dict) -> str:
-    """The routing that goes with the modality backend ``chosen``: the specification's own for the reference, else
-    the CUDA kernel where it runs these ids, else Triton's, else the reference."""
-    if chosen == "reference":
+    """The routing that goes with the modality backend ``chosen``: the specification's own for the reference and the
+    native backend (CPU tensors), else the CUDA kernel where it runs these ids, else Triton's, else the reference."""
+    if chosen in ("reference", "native"):
         return "reference"
     for candidate in ("cuda", "triton"):
         if ROUTING_BACKENDS.reason(candidate, inputs) is None:
@@ -474,7 +474,7 @@ def modality_linear(
         modality: ``(T,)`` ints in ``[0, E)``.
         weight: ``(E, Dout, Din)`` (``nn.Linear`` layout per expert); bias: ``(E, Dout)`` or None.
         activation: ``None | "gelu" | "gelu_tanh" | "relu"``, applied after the bias.
-        backend: ``"auto" | "reference" | "triton" | "cuda"`` (``MOME_BACKEND`` overrides auto).
+        backend: ``"auto" | "reference" | "native" | "triton" | "cuda"`` (``MOME_BACKEND`` overrides auto).
 
     Returns ``(T, Dout)`` in x's dtype. Equivalent PyTorch::
 
