@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from mome.kernels.attention_fwd import load_tile, schedule_entry, tile_source
+from mome.kernels.attention_fwd import key_tile_loops, load_tile, schedule_entry, tile_source
 from mome.kernels.attention_masks import (
-    causal_key_bounds,
     causal_query_bounds,
     key_tile_info,
     load_lse_log2,
@@ -273,16 +272,9 @@ def _dq_program(
     row_bits = query_row_bits(Modality, AllowedBits, batch, rows, nq, nk, HAS_MODALITY)
 
     SCHEDULE: tl.constexpr = HAS_PADDING or HAS_MODALITY
-    schedule_at = (batch * tl.num_programs(0) + query_tile).to(tl.int64)
-    list_base = schedule_at * tl.cdiv(nk, BLOCK_N)
-    if SCHEDULE:
-        first_partial = 0
-        n_full = tl.load(SchedCounts + schedule_at * 2)
-        n_partial = tl.load(SchedCounts + schedule_at * 2 + 1)
-    else:
-        first_partial, end = causal_key_bounds(start_m, nq, nk, prefix, BLOCK_M, BLOCK_N, CAUSAL)
-        n_full = first_partial
-        n_partial = end - first_partial
+    list_base, first_partial, n_full, n_partial = key_tile_loops(
+        SchedCounts, batch, query_tile, nq, nk, prefix, BLOCK_M, BLOCK_N, CAUSAL, SCHEDULE
+    )
 
     offs_n = tl.arange(0, BLOCK_N)
     dq = _dq_pass(

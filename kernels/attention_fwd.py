@@ -137,6 +137,20 @@ def schedule_entry(List, base, i, first, SCHEDULE: tl.constexpr):
 
 
 @triton.jit
+def key_tile_loops(SchedCounts, batch, query_tile, nq, nk, prefix, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, SCHEDULE: tl.constexpr):  # fmt: skip
+    """``(list base, first partial tile, full count, partial count)`` of a query tile's two key-tile loops: from the
+    schedule, or from the causal/prefix bounds (the full tiles are then ``[0, n_full)``)."""
+    schedule_at = (batch * tl.num_programs(0) + query_tile).to(tl.int64)
+    list_base = schedule_at * tl.cdiv(nk, BLOCK_N)
+    if SCHEDULE:
+        return list_base, 0, tl.load(SchedCounts + schedule_at * 2), tl.load(SchedCounts + schedule_at * 2 + 1)
+    else:
+        first_partial, end = causal_key_bounds(query_tile * BLOCK_M, nq, nk, prefix, BLOCK_M, BLOCK_N, CAUSAL)
+        return list_base, first_partial, first_partial, end - first_partial
+
+
+@triton.jit
 def _fwd_pass(q, k_source, v_source, KeyPad, Modality, SchedFull, SchedPartial, list_base, first_partial, n_full,
               n_partial, batch, rows, row_ok, offs_n, nk, shift, prefix, scale_log2, row_bits, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
@@ -220,16 +234,9 @@ def _fwd_program(
     row_bits = query_row_bits(Modality, AllowedBits, batch, rows, nq, nk, HAS_MODALITY)
 
     SCHEDULE: tl.constexpr = HAS_PADDING or HAS_MODALITY
-    schedule_at = (batch * tl.num_programs(0) + query_tile).to(tl.int64)
-    list_base = schedule_at * tl.cdiv(nk, BLOCK_N)
-    if SCHEDULE:
-        first_partial = 0
-        n_full = tl.load(SchedCounts + schedule_at * 2)
-        n_partial = tl.load(SchedCounts + schedule_at * 2 + 1)
-    else:
-        first_partial, end = causal_key_bounds(start_m, nq, nk, prefix, BLOCK_M, BLOCK_N, CAUSAL)
-        n_full = first_partial
-        n_partial = end - first_partial
+    list_base, first_partial, n_full, n_partial = key_tile_loops(
+        SchedCounts, batch, query_tile, nq, nk, prefix, BLOCK_M, BLOCK_N, CAUSAL, SCHEDULE
+    )
 
     offs_n = tl.arange(0, BLOCK_N)
     acc, m_i, l_i, seen_bad = _fwd_pass(
