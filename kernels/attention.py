@@ -74,7 +74,7 @@ class Shape:
 
     @property
     def use_tma(self) -> bool:
-        row_bytes = self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        row_bytes = self.head_dim * self.dtype.itemsize
         return self.arch == 90 and self.aligned and row_bytes % 16 == 0
 
 

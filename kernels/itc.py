@@ -703,7 +703,7 @@ def _one_pass(image_rows, text_rows, image_columns, text_columns, options, row_o
 
 def _partials_fit(arch: int, dtype: torch.dtype, batch: int, dim: int) -> bool:
     block_m = itc_config("fwd", arch, dtype in SIXTEEN_BIT).block_m
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     partial_bytes = 2 * triton.cdiv(batch, block_m) * batch * (8 if dtype == torch.float64 else 4)
     return partial_bytes <= ONE_PASS_PARTIALS_PER_FEATURE_BYTE * 2 * batch * dim * element
 
