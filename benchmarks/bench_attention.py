@@ -29,6 +29,11 @@ class AttentionShape:
     mask: str  # none | causal | prefix (prefix-LM: bidirectional prefix, causal after) | padding | modality
     prefix: int = 0  # prefix-LM: image tokens every query sees; padding: the shortest key length; modality: images
     subsets: frozenset = frozenset({"full"})
+    bias: bool = False  # a learned (1, H, N, N) score bias (VLMo/BEiT relative positions), differentiated
+    dropout: float = 0.0  # attention dropout probability
+
+
+QUICK_EXTRAS = {"vlm237-none-bias", "vlm237-padding-dropout"}  # against vlm237-none and vlm237-padding, same run
 
 
 def _shapes() -> dict[str, AttentionShape]:
@@ -44,6 +49,16 @@ def _shapes() -> dict[str, AttentionShape]:
         name = f"vlm641-{mask}"
         subsets = frozenset({"full", "quick"} if name in quick else {"full"})
         shapes[name] = AttentionShape(64, 16, 577 + 64, 64, mask, prefix=577, subsets=subsets)
+    # VLMo/BEiT's relative position bias and the BERT-style text towers' attention dropout (issue 14's rows)
+    extras = {"bias": dict(bias=True), "dropout": dict(dropout=0.1), "bias-dropout": dict(bias=True, dropout=0.1)}
+    for extra, options in extras.items():
+        shapes[f"tiny-{extra}"] = AttentionShape(1, 2, 37, 16, "padding", prefix=20, subsets=frozenset({"tiny"}),
+                                                 **options)  # fmt: skip
+        for mask in ("none", "padding"):
+            name = f"vlm237-{mask}-{extra}"
+            subsets = frozenset({"full", "quick"} if name in QUICK_EXTRAS else {"full"})
+            shapes[name] = AttentionShape(128, 12, 197 + 40, 64, mask, prefix=197, subsets=subsets, **options)
+    shapes["vlm641-none-bias"] = AttentionShape(64, 16, 577 + 64, 64, "none", prefix=577, bias=True)
     for seq in (512, 1024, 2048, 4096, 8192):
         for head_dim in (64, 128):
             for mask in ("none", "causal"):
@@ -109,28 +124,54 @@ def density(shape: AttentionShape) -> float:
 def make_inputs(shape: AttentionShape, dtype, device, seed: int, requires_grad: bool) -> dict:
     g = generator(device, seed)
     size = (shape.batch, shape.heads, shape.seq, shape.head_dim)
-    return {name: randn(size, dtype, device, g, requires_grad) for name in ("q", "k", "v")}
+    inputs = {name: randn(size, dtype, device, g, requires_grad) for name in ("q", "k", "v")}
+    if shape.bias:  # in the model's dtype, as a bias table gathered from bf16 parameters is
+        inputs["bias"] = randn((1, shape.heads, shape.seq, shape.seq), dtype, device, g, requires_grad)
+    return inputs
 
 
 def work(shape: AttentionShape, mode: str, dtype) -> Work:
+    """The same FLOPs with or without bias and dropout (their work is elementwise), so TFLOP/s compare across rows;
+    the bias adds its own bytes: read once forward, read and its gradient written backward."""
     b, h, n, d = shape.batch, shape.heads, shape.seq, shape.head_dim
     fraction = density(shape)
+    bias_bytes = 0
+    if shape.bias:
+        bias_bytes = h * n * n * dtype.itemsize * (1 if mode == "fwd" else 3 if mode == "fwd+bwd" else 2)
+    extras = "".join(
+        [", + (1, H, N, N) bias" if shape.bias else "", f", dropout {shape.dropout}" if shape.dropout else ""]
+    )
     return Work(
         perf.attention_flops(b, h, n, n, d, density=fraction, mode=mode),
-        perf.attention_bytes(b, h, h, n, n, d, dtype, mode),
+        perf.attention_bytes(b, h, h, n, n, d, dtype, mode) + bias_bytes,
         "TFLOP/s",
-        f"4·B·H·N²·D·{fraction:.3f} (visible fraction); bwd ×2.5",
+        f"4·B·H·N²·D·{fraction:.3f} (visible fraction); bwd ×2.5{extras}",
     )
 
 
 # ---- providers ----------------------------------------------------------------------------------------
 
 
-def _mome_call(inputs, backend, masks):
-    return ops.attention(inputs["q"], inputs["k"], inputs["v"], backend=backend, **masks)
+def _mome_call(inputs, backend, arguments):
+    return ops.attention(inputs["q"], inputs["k"], inputs["v"], backend=backend, attn_bias=inputs.get("bias"),
+                         **arguments)  # fmt: skip
 
 
-MOME = mome_providers(_mome_call, setup=lambda shape, inputs, device: mask_arguments(shape, device))
+def _mome_arguments(shape: AttentionShape, inputs, device) -> dict:
+    return dict(mask_arguments(shape, device), dropout_p=shape.dropout)
+
+
+MOME = mome_providers(_mome_call, setup=_mome_arguments)
+
+
+def float_mask(batch: dict, dense: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias with -inf where the structure hides a key, as SDPA and eager take one float mask (built inside the
+    timed call: it depends on the bias, whose gradient flows through it)."""
+    bias = batch.get("bias")
+    if bias is None or dense is None:
+        return bias if bias is not None else dense
+    return bias.masked_fill(~dense, float("-inf"))
+
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "math": "MATH"}  # fmt: skip
@@ -147,13 +188,16 @@ def _sdpa(kind: str) -> Provider:
         dense = visibility(shape, device) if shape.mask in ("prefix", "padding", "modality") else None
         if dense is not None:
             notes["mask"] = "dense bool (B, 1, N, N)"
+        if shape.bias:
+            notes["mask"] = "float (B|1, H, N, N): the bias" + (", -inf where masked" if dense is not None else "")
 
         def forward(batch):
             with sdpa_kernel(backend):
                 try:
                     return F.scaled_dot_product_attention(
-                        batch["q"], batch["k"], batch["v"], attn_mask=dense, is_causal=causal
-                    )
+                        batch["q"], batch["k"], batch["v"], attn_mask=float_mask(batch, dense), is_causal=causal,
+                        dropout_p=shape.dropout,
+                    )  # fmt: skip
                 except RuntimeError as error:  # this backend declines the inputs: a reason, not a failure
                     if "No viable backend" not in str(error):
                         raise
@@ -170,9 +214,12 @@ def _eager_setup(shape, inputs, device, mode, notes):
 
     def forward(batch):
         scores = (batch["q"] @ batch["k"].transpose(-2, -1)) * scale  # [B, H, N, N]
+        if "bias" in batch:
+            scores = scores + batch["bias"]
         if dense is not None:
             scores = scores.masked_fill(~dense, float("-inf"))
-        return torch.softmax(scores.float(), dim=-1).to(batch["v"].dtype) @ batch["v"]
+        probs = F.dropout(torch.softmax(scores.float(), dim=-1), shape.dropout)
+        return probs.to(batch["v"].dtype) @ batch["v"]
 
     return forward
 
@@ -182,6 +229,8 @@ def _flex_setup(shape, inputs, device, mode, notes):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as error:
         raise Unavailable(f"FlexAttention is not in this torch ({error})") from error
+    if shape.dropout:
+        raise Unavailable("FlexAttention has no attention dropout")
     lengths = key_lengths(shape, device)
     prefix = shape.prefix
 
@@ -206,7 +255,19 @@ def _flex_setup(shape, inputs, device, mode, notes):
         torch.cuda.synchronize()
         notes["mask_build_ms"] = (time.perf_counter() - started) * 1e3
     compiled = _compiled_flex(flex_attention)
-    return lambda batch: compiled(batch["q"], batch["k"], batch["v"], block_mask=block_mask)
+    if not shape.bias:
+        return lambda batch: compiled(batch["q"], batch["k"], batch["v"], block_mask=block_mask)
+    notes["score_mod"] = "score + bias[0, h, q, k] (a captured tensor: its gradient flows)"
+
+    def forward(batch):
+        bias = batch["bias"]
+
+        def add_bias(score, b, h, q_idx, kv_idx):
+            return score + bias[0, h, q_idx, kv_idx]
+
+        return compiled(batch["q"], batch["k"], batch["v"], score_mod=add_bias, block_mask=block_mask)
+
+    return forward
 
 
 @functools.cache
@@ -222,12 +283,15 @@ def _flash_attn_setup(shape, inputs, device, mode, notes):
         raise Unavailable(f"flash-attn is not installed ({error})") from error
     if shape.mask not in ("none", "causal"):
         raise Unavailable(f"the {shape.mask} mask needs flash-attn's varlen API, not wired in this benchmark")
+    if shape.bias:
+        raise Unavailable("flash-attn takes no additive score bias (ALiBi slopes only)")
 
     def to_bnhd(batch):  # flash-attn's own layout, converted once outside the timing
         return {n: t.transpose(1, 2).contiguous().detach().requires_grad_(t.requires_grad) for n, t in batch.items()}
 
     causal = shape.mask == "causal"
-    return to_bnhd, lambda batch: flash_attn_func(batch["q"], batch["k"], batch["v"], causal=causal)
+    return to_bnhd, lambda batch: flash_attn_func(batch["q"], batch["k"], batch["v"], dropout_p=shape.dropout,
+                                                  causal=causal)  # fmt: skip
 
 
 CUDA_ONLY_COMPILE = "compiled baselines run on CUDA only (CPU compiles exceed the CPU budget)"
@@ -240,7 +304,11 @@ FAMILIES = [
             **MOME,
             **{f"sdpa-{kind}": _sdpa(kind) for kind in SDPA_BACKENDS},
             "flex": Provider(
-                "flex", "baseline", _flex_setup, applies=lambda s: s.mask != "none", cuda_only=CUDA_ONLY_COMPILE
+                "flex",
+                "baseline",
+                _flex_setup,
+                applies=lambda s: s.mask != "none" or s.bias,
+                cuda_only=CUDA_ONLY_COMPILE,
             ),  # fmt: skip
             "eager": Provider("eager", "baseline", _eager_setup),
             "flash-attn": Provider(
@@ -249,7 +317,7 @@ FAMILIES = [
         },
         make_inputs=make_inputs,
         work=work,
-        grad_names=("q", "k", "v"),
+        grad_names=("q", "k", "v", "bias"),
     )
 ]
 

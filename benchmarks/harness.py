@@ -123,7 +123,9 @@ def _build_run(case: Case, forward, prepared: list[dict]) -> Callable[[int], obj
                 return forward(prepared[i])
 
         return run_fwd
-    leaves = [[inputs[n] for n in case.family.grad_names if inputs[n].requires_grad] for inputs in prepared]
+    leaves = [
+        [inputs[n] for n in case.family.grad_names if n in inputs and inputs[n].requires_grad] for inputs in prepared
+    ]
     if not leaves[0]:
         raise Unavailable("no input takes a gradient in this case")
     if case.mode == "fwd+bwd":

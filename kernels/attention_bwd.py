@@ -15,8 +15,11 @@ import triton
 import triton.language as tl
 from mome.kernels.attention_fwd import key_tile_loops, load_tile, schedule_entry, tile_source
 from mome.kernels.attention_masks import (
+    bias_plane,
     causal_query_bounds,
+    dropout_keep,
     key_tile_info,
+    load_bias_log2,
     load_lse_log2,
     query_row_bits,
     visible_pairs,
@@ -37,29 +40,51 @@ def attention_bwd_delta_kernel(Delta, Out, DOut, rows_total, HEAD_DIM: tl.conste
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_source, do_source, lse_base, delta_base, start_m, cols, nq, shift, prefix, scale_log2,
-               key_ok, key_modality, Modality, AllowedBits, batch, nk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MODALITY: tl.constexpr,
-               USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """One query tile's contribution to the stationary key tile's dK (unscaled) and dV, in transposed form."""
+def _dkdv_tile(dk, dv, k, v, q_source, do_source, lse_base, delta_base, Bias, bias_base, bias_row, start_m, start_n,
+               cols, nq, shift, prefix, scale_log2, key_ok, key_modality, Modality, AllowedBits, batch, nk, seed, bh,
+               dropout_threshold, keep_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MODALITY: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One query tile's contribution to the stationary key tile's dK (unscaled) and dV, in transposed form.
+
+    With a bias every tile applies its visibility (bias != -inf): this kernel has no safe launch, so a NaN in the
+    K or V of a pair hidden only by the bias is kept out of dK/dV here. With dropout (Z: kept × keep_scale, else
+    0), ``dV += (Pᵀ∘Zᵀ)·dO`` and ``dSᵀ = Pᵀ∘(dPᵀ∘Zᵀ − Δ)``."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < nq
     q = load_tile(q_source, start_m, nq, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
     do = load_tile(do_source, start_m, nq, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
     lse2 = load_lse_log2(lse_base, rows, row_ok)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    if HAS_BIAS:
+        bias_t = load_bias_log2(Bias, bias_base, rows[None, :], cols[:, None], nq, nk, bias_row)  # [N, M]
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [N, M]
     if MASKED:
         row_bits = query_row_bits(Modality, AllowedBits, batch, rows, nq, nk, HAS_MODALITY)
         visible = visible_pairs(rows[None, :], cols[:, None], shift, prefix, key_ok[:, None], key_modality[:, None],
                                 row_bits[None, :], CAUSAL, HAS_MODALITY)  # fmt: skip
-    p_t = tl.math.exp2(s_t * scale_log2 - lse2[None, :])  # one FMA; a hidden pair's P is then set to 0
-    if MASKED:
+        if HAS_BIAS:
+            visible = visible & (bias_t != float("-inf"))
+    elif HAS_BIAS:
+        visible = bias_t != float("-inf")
+    CHECKED: tl.constexpr = MASKED or HAS_BIAS
+    if HAS_BIAS:
+        p_t = tl.math.exp2(s_t * scale_log2 + bias_t - lse2[None, :])
+    else:
+        p_t = tl.math.exp2(s_t * scale_log2 - lse2[None, :])  # one FMA; a hidden pair's P is then set to 0
+    if CHECKED:
         p_t = tl.where(visible, p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep_t = tl.trans(dropout_keep(seed, bh, rows, start_n, dropout_threshold, BLOCK_N))  # [N, M]
+        dv += tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
     ds_t = p_t * (dp_t - delta[None, :])
-    if MASKED:  # a hidden pair's dP may be NaN (a NaN in a key's V): its dS is 0 all the same
+    if CHECKED:  # a hidden pair's dP may be NaN (a NaN in a key's V): its dS is 0 all the same
         ds_t = tl.where(visible, ds_t, 0.0)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
@@ -75,6 +100,8 @@ def attention_bwd_dkdv_kernel(
     DOut,
     Lse,
     Delta,
+    Bias,
+    Seed,
     KeyPad,
     PrefixLen,
     Modality,
@@ -86,8 +113,13 @@ def attention_bwd_dkdv_kernel(
     group,
     nq,
     nk,
+    bias_stride_b,
+    bias_stride_h,
+    bias_row,
     scale,
     scale_log2,
+    dropout_threshold,
+    keep_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -96,6 +128,8 @@ def attention_bwd_dkdv_kernel(
     HAS_PADDING: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     HAS_MODALITY: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -116,6 +150,9 @@ def attention_bwd_dkdv_kernel(
         prefix = tl.load(PrefixLen + batch).to(tl.int32)
     shift = nk - nq
     key_ok, key_modality = key_tile_info(KeyPad, Modality, batch, cols, nk, HAS_PADDING, HAS_MODALITY)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     SCHEDULE: tl.constexpr = HAS_PADDING or HAS_MODALITY
     schedule_at = (batch * tl.num_programs(0) + key_tile).to(tl.int64)
@@ -138,19 +175,22 @@ def attention_bwd_dkdv_kernel(
         do_source = tile_source(DOut + bh * nq * HEAD_DIM, nq, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
         lse_base = Lse + bh * nq
         delta_base = Delta + bh * nq
+        bias_base = bias_plane(batch, bh % heads, bias_stride_b, bias_stride_h)
         for i in range(0, n_full):
             start_m = schedule_entry(SchedFull, list_base, i, first_full, SCHEDULE) * BLOCK_M
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_source, do_source, lse_base, delta_base, start_m, cols, nq, shift, prefix,
-                scale_log2, key_ok, key_modality, Modality, AllowedBits, batch, nk, HEAD_DIM, BLOCK_D, BLOCK_M,
-                False, CAUSAL, HAS_MODALITY, USE_TMA, DOT_PRECISION,
+                dk, dv, k, v, q_source, do_source, lse_base, delta_base, Bias, bias_base, bias_row, start_m, start_n,
+                cols, nq, shift, prefix, scale_log2, key_ok, key_modality, Modality, AllowedBits, batch, nk, seed, bh,
+                dropout_threshold, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_MODALITY,
+                HAS_BIAS, HAS_DROPOUT, USE_TMA, DOT_PRECISION,
             )  # fmt: skip
         for i in range(0, n_partial):
             start_m = schedule_entry(SchedPartial, list_base, i, first_partial, SCHEDULE) * BLOCK_M
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_source, do_source, lse_base, delta_base, start_m, cols, nq, shift, prefix,
-                scale_log2, key_ok, key_modality, Modality, AllowedBits, batch, nk, HEAD_DIM, BLOCK_D, BLOCK_M,
-                True, CAUSAL, HAS_MODALITY, USE_TMA, DOT_PRECISION,
+                dk, dv, k, v, q_source, do_source, lse_base, delta_base, Bias, bias_base, bias_row, start_m, start_n,
+                cols, nq, shift, prefix, scale_log2, key_ok, key_modality, Modality, AllowedBits, batch, nk, seed, bh,
+                dropout_threshold, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_MODALITY,
+                HAS_BIAS, HAS_DROPOUT, USE_TMA, DOT_PRECISION,
             )  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < nk) & (offs_d[None, :] < HEAD_DIM)
@@ -160,25 +200,39 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_source, v_source, start_n, rows, nk, shift, prefix, scale_log2, key_ok,
-             key_modality, row_bits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, SAFE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MODALITY: tl.constexpr,
-             USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """One key tile's contribution to the stationary query tile's dQ (unscaled). With ``SAFE``, keys no query of
-    the tile sees are zeroed before the product (their dS is 0, but 0 · NaN would be NaN)."""
+def _dq_tile(dq, q, do, lse2, delta, k_source, v_source, Bias, bias_base, bias_row, start_n, rows, nq, nk, shift,
+             prefix, scale_log2, key_ok, key_modality, row_bits, seed, bh, dropout_threshold, keep_scale,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+             SAFE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MODALITY: tl.constexpr, HAS_BIAS: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One key tile's contribution to the stationary query tile's dQ (unscaled): ``dS = P∘(dP∘Z − Δ)``. With
+    ``SAFE``, keys no query of the tile sees are zeroed before the product (their dS is 0, but 0 · NaN would be
+    NaN); with a bias the safe launch masks every tile by its visibility (bias != -inf) as well."""
     k = load_tile(k_source, start_n, nk, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
     v = load_tile(v_source, start_n, nk, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        bias = load_bias_log2(Bias, bias_base, rows[:, None], cols[None, :], nq, nk, bias_row)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        cols = start_n + tl.arange(0, BLOCK_N)
         visible = visible_pairs(rows[:, None], cols[None, :], shift, prefix, key_ok[None, :], key_modality[None, :],
                                 row_bits[:, None], CAUSAL, HAS_MODALITY)  # fmt: skip
-    p = tl.math.exp2(s * scale_log2 - lse2[:, None])
-    if MASKED:
+        if SAFE and HAS_BIAS:
+            visible = visible & (bias != float("-inf"))
+    elif SAFE and HAS_BIAS:
+        visible = bias != float("-inf")
+    CHECKED: tl.constexpr = MASKED or (SAFE and HAS_BIAS)
+    if HAS_BIAS:
+        p = tl.math.exp2(s * scale_log2 + bias - lse2[:, None])
+    else:
+        p = tl.math.exp2(s * scale_log2 - lse2[:, None])
+    if CHECKED:
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        dp = tl.where(dropout_keep(seed, bh, rows, start_n, dropout_threshold, BLOCK_N), dp * keep_scale, 0.0)
     ds = p * (dp - delta[:, None])
-    if MASKED:  # hidden pairs give 0
+    if CHECKED:  # hidden pairs give 0
         ds = tl.where(visible, ds, 0.0)
         if SAFE:
             seen = tl.max((visible & (lse2 < float("inf"))[:, None]).to(tl.int32), 0) > 0
@@ -188,26 +242,29 @@ def _dq_tile(dq, q, do, lse2, delta, k_source, v_source, start_n, rows, nk, shif
 
 
 @triton.jit
-def _dq_pass(q, do, lse2, delta, k_source, v_source, KeyPad, Modality, SchedFull, SchedPartial, list_base,
-             first_partial, n_full, n_partial, batch, rows, offs_n, nk, shift, prefix, scale_log2, row_bits,
-             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             SAFE: tl.constexpr, SCHEDULE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
-             HAS_MODALITY: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _dq_pass(q, do, lse2, delta, k_source, v_source, Bias, bias_base, bias_row, KeyPad, Modality, SchedFull,
+             SchedPartial, list_base, first_partial, n_full, n_partial, batch, rows, offs_n, nq, nk, shift, prefix,
+             scale_log2, row_bits, seed, bh, dropout_threshold, keep_scale, HEAD_DIM: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
+             SCHEDULE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_MODALITY: tl.constexpr,
+             HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):  # fmt: skip
     """dQ (unscaled) over the query tile's full key tiles, then its partial ones."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for i in range(0, n_full):
         start_n = schedule_entry(SchedFull, list_base, i, 0, SCHEDULE) * BLOCK_N
         dq = _dq_tile(
-            dq, q, do, lse2, delta, k_source, v_source, start_n, rows, nk, shift, prefix, scale_log2, offs_n, offs_n,
-            row_bits, HEAD_DIM, BLOCK_D, BLOCK_N, False, SAFE, CAUSAL, HAS_MODALITY, USE_TMA, DOT_PRECISION,
+            dq, q, do, lse2, delta, k_source, v_source, Bias, bias_base, bias_row, start_n, rows, nq, nk, shift, prefix,
+            scale_log2, offs_n, offs_n, row_bits, seed, bh, dropout_threshold, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+            False, SAFE, CAUSAL, HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, USE_TMA, DOT_PRECISION,
         )  # fmt: skip
     for i in range(0, n_partial):
         start_n = schedule_entry(SchedPartial, list_base, i, first_partial, SCHEDULE) * BLOCK_N
         key_ok, key_modality = key_tile_info(KeyPad, Modality, batch, start_n + offs_n, nk, HAS_PADDING, HAS_MODALITY)
         dq = _dq_tile(
-            dq, q, do, lse2, delta, k_source, v_source, start_n, rows, nk, shift, prefix, scale_log2, key_ok,
-            key_modality, row_bits, HEAD_DIM, BLOCK_D, BLOCK_N, True, SAFE, CAUSAL, HAS_MODALITY, USE_TMA,
-            DOT_PRECISION,
+            dq, q, do, lse2, delta, k_source, v_source, Bias, bias_base, bias_row, start_n, rows, nq, nk, shift, prefix,
+            scale_log2, key_ok, key_modality, row_bits, seed, bh, dropout_threshold, keep_scale, HEAD_DIM, BLOCK_D,
+            BLOCK_N, True, SAFE, CAUSAL, HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, USE_TMA, DOT_PRECISION,
         )  # fmt: skip
     return dq
 
@@ -221,6 +278,8 @@ def _dq_program(
     DOut,
     Lse,
     Delta,
+    Bias,
+    Seed,
     KeyPad,
     PrefixLen,
     Modality,
@@ -233,8 +292,13 @@ def _dq_program(
     group,
     nq,
     nk,
+    bias_stride_b,
+    bias_stride_h,
+    bias_row,
     scale,
     scale_log2,
+    dropout_threshold,
+    keep_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -243,6 +307,8 @@ def _dq_program(
     HAS_PADDING: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     HAS_MODALITY: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SAFE: tl.constexpr,
@@ -270,6 +336,10 @@ def _dq_program(
         prefix = tl.load(PrefixLen + batch).to(tl.int32)
     shift = nk - nq
     row_bits = query_row_bits(Modality, AllowedBits, batch, rows, nq, nk, HAS_MODALITY)
+    bias_base = bias_plane(batch, bh % heads, bias_stride_b, bias_stride_h)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     SCHEDULE: tl.constexpr = HAS_PADDING or HAS_MODALITY
     list_base, first_partial, n_full, n_partial = key_tile_loops(
@@ -278,9 +348,10 @@ def _dq_program(
 
     offs_n = tl.arange(0, BLOCK_N)
     dq = _dq_pass(
-        q, do, lse2, delta, k_source, v_source, KeyPad, Modality, SchedFull, SchedPartial, list_base, first_partial,
-        n_full, n_partial, batch, rows, offs_n, nk, shift, prefix, scale_log2, row_bits, HEAD_DIM, BLOCK_M, BLOCK_D,
-        BLOCK_N, SAFE, SCHEDULE, CAUSAL, HAS_PADDING, HAS_MODALITY, USE_TMA, DOT_PRECISION,
+        q, do, lse2, delta, k_source, v_source, Bias, bias_base, bias_row, KeyPad, Modality, SchedFull, SchedPartial,
+        list_base, first_partial, n_full, n_partial, batch, rows, offs_n, nq, nk, shift, prefix, scale_log2, row_bits,
+        seed, bh, dropout_threshold, keep_scale, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, SAFE, SCHEDULE, CAUSAL,
+        HAS_PADDING, HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, USE_TMA, DOT_PRECISION,
     )  # fmt: skip
     if CHECK_FINITE:
         nonfinite = tl.max(((dq != dq) | (tl.abs(dq) == float("inf"))).to(tl.int32))
@@ -291,24 +362,28 @@ def _dq_program(
 
 
 @triton.jit
-def attention_bwd_dq_kernel(DQ, Q, K, V, DOut, Lse, Delta, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull,
-                            SchedPartial, SchedCounts, Flags, heads, group, nq, nk, scale, scale_log2,
-                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
-                            HAS_PREFIX: tl.constexpr, HAS_MODALITY: tl.constexpr, USE_TMA: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr, CHECK_FINITE: tl.constexpr):  # fmt: skip
+def attention_bwd_dq_kernel(DQ, Q, K, V, DOut, Lse, Delta, Bias, Seed, KeyPad, PrefixLen, Modality, AllowedBits,
+                            SchedFull, SchedPartial, SchedCounts, Flags, heads, group, nq, nk, bias_stride_b,
+                            bias_stride_h, bias_row, scale, scale_log2, dropout_threshold, keep_scale,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                            HAS_MODALITY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                            USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr,
+                            CHECK_FINITE: tl.constexpr):  # fmt: skip
     """dQ, launched as the forward is: fast first, then (where masks can hide real keys) a safe recompute of the
     tiles whose dQ is not finite. A hidden pair's dS is 0, but 0 times a hidden key's NaN or Inf is NaN."""
     if SAFE:
         if tl.load(Flags + tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) != 0:
             _dq_program(
-                DQ, Q, K, V, DOut, Lse, Delta, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull, SchedPartial,
-                SchedCounts, Flags, heads, group, nq, nk, scale, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                CAUSAL, HAS_PADDING, HAS_PREFIX, HAS_MODALITY, USE_TMA, DOT_PRECISION, True, False,
+                DQ, Q, K, V, DOut, Lse, Delta, Bias, Seed, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull,
+                SchedPartial, SchedCounts, Flags, heads, group, nq, nk, bias_stride_b, bias_stride_h, bias_row, scale,
+                scale_log2, dropout_threshold, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_PADDING,
+                HAS_PREFIX, HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, USE_TMA, DOT_PRECISION, True, False,
             )  # fmt: skip
     else:
         _dq_program(
-            DQ, Q, K, V, DOut, Lse, Delta, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull, SchedPartial,
-            SchedCounts, Flags, heads, group, nq, nk, scale, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-            HAS_PADDING, HAS_PREFIX, HAS_MODALITY, USE_TMA, DOT_PRECISION, False, CHECK_FINITE,
+            DQ, Q, K, V, DOut, Lse, Delta, Bias, Seed, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull,
+            SchedPartial, SchedCounts, Flags, heads, group, nq, nk, bias_stride_b, bias_stride_h, bias_row, scale,
+            scale_log2, dropout_threshold, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_PADDING,
+            HAS_PREFIX, HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, USE_TMA, DOT_PRECISION, False, CHECK_FINITE,
         )  # fmt: skip

@@ -64,6 +64,14 @@ SM90 = {
     ("dq_small", True, 32): TileConfig(64, 64, 4, 2),
     ("dq_small", True, 64): TileConfig(64, 64, 4, 2),
     ("dq_small", True, 128): TileConfig(64, 64, 4, 2),
+    ("dbias", True, 16): TileConfig(128, 64, 8, 2),
+    ("dbias", True, 32): TileConfig(128, 64, 8, 2),
+    ("dbias", True, 64): TileConfig(128, 64, 8, 2),
+    ("dbias", True, 128): TileConfig(128, 64, 8, 2),
+    ("dbias_small", True, 16): TileConfig(64, 64, 4, 2),
+    ("dbias_small", True, 32): TileConfig(64, 64, 4, 2),
+    ("dbias_small", True, 64): TileConfig(64, 64, 4, 2),
+    ("dbias_small", True, 128): TileConfig(64, 64, 4, 2),
 }
 
 SM80 = {
@@ -79,6 +87,10 @@ SM80 = {
     ("dq", True, 32): TileConfig(64, 32, 4, 2),
     ("dq", True, 64): TileConfig(64, 32, 4, 2),
     ("dq", True, 128): TileConfig(64, 64, 8, 2),
+    ("dbias", True, 16): TileConfig(64, 64, 4, 2),
+    ("dbias", True, 32): TileConfig(64, 64, 4, 2),
+    ("dbias", True, 64): TileConfig(64, 64, 4, 2),
+    ("dbias", True, 128): TileConfig(64, 64, 4, 2),
 }
 
 FP32 = {
@@ -94,18 +106,42 @@ FP32 = {
     ("dq", 32): TileConfig(32, 32, 4, 2),
     ("dq", 64): TileConfig(32, 32, 4, 2),
     ("dq", 128): TileConfig(32, 32, 8, 1),
+    ("dbias", 16): TileConfig(32, 32, 4, 2),
+    ("dbias", 32): TileConfig(32, 32, 4, 2),
+    ("dbias", 64): TileConfig(32, 32, 4, 2),
+    ("dbias", 128): TileConfig(32, 32, 4, 2),
+}
+
+# dK/dV at D = 128 with dropout and a bias: the Philox words, the keep mask and the bias tile on top of the four
+# stationary 128 x 128 tiles leave 24-34 local-memory instructions at every tile the gate tried (16 or 32 query rows,
+# 4 or 8 warps, 1 or 2 stages; figures in NOTES-attention.md, v4); 16 x 128 with 2 stages keeps the pipelining.
+DKDV_128_DROPOUT_SPILLS = 40
+
+# sm_90 16-bit overrides when dropout is on: (variant, head dim class (64 covers 16..64), with a bias) -> config.
+# Philox on every (query, key) pair of a tile costs registers; these tiles are the ones the gate found spill-free
+# (or within the budget above). Dropout without a bias at D <= 64 keeps the plain tables.
+SM90_DROPOUT = {
+    ("dkdv", 64, True): TileConfig(32, 128, 8, 2),
+    ("dkdv_small", 64, True): TileConfig(32, 64, 4, 2),
+    ("dkdv", 128, False): TileConfig(16, 128, 8, 2),
+    ("dkdv", 128, True): TileConfig(16, 128, 8, 2, spill_budget=DKDV_128_DROPOUT_SPILLS),
+    ("dkdv_small", 128, False): TileConfig(16, 64, 4, 2, spill_budget=DKDV_128_DROPOUT_SPILLS),
+    ("dkdv_small", 128, True): TileConfig(16, 64, 4, 2, spill_budget=DKDV_128_DROPOUT_SPILLS),
+    ("dq", 128, True): TileConfig(128, 32, 8, 2),
+    ("dq_small", 128, True): TileConfig(64, 32, 4, 2),
 }
 
 DELTA_BLOCK_M = 64
 
 
 def tile_config(kernel: str, arch: int, sixteen_bit: bool, block_d: int, stationary_rows: int, programs_per_tile: int,
-                multiprocessors: int) -> TileConfig:  # fmt: skip
-    """The configuration of ``kernel`` ("fwd", "dkdv", "dq") for one launch.
+                multiprocessors: int, *, dropout: bool = False, bias: bool = False) -> TileConfig:  # fmt: skip
+    """The configuration of ``kernel`` ("fwd", "dkdv", "dq", "dbias") for one launch.
 
     ``stationary_rows`` is the sequence length the grid tiles (Nq, or Nk for dK/dV) and ``programs_per_tile``
-    the grid's other dimension (batch · heads): on sm_90 a launch whose big-tile grid would not give every SM
-    two programs takes the small-tile variant.
+    the grid's other dimension (batch · heads; for dBias, key tiles · bias planes): on sm_90 a launch whose big-tile
+    grid would not give every SM two programs takes the small-tile variant. With ``dropout`` (and ``bias``),
+    ``SM90_DROPOUT`` may replace it.
     """
     if not sixteen_bit:
         return FP32[(kernel, block_d)]
@@ -114,6 +150,7 @@ def tile_config(kernel: str, arch: int, sixteen_bit: bool, block_d: int, station
     config = SM90[(kernel, True, block_d)]
     rows = config.block_n if kernel == "dkdv" else config.block_m
     programs = -(-stationary_rows // rows) * programs_per_tile
-    if programs < 2 * multiprocessors:
-        return SM90[(f"{kernel}_small", True, block_d)]
-    return config
+    variant = f"{kernel}_small" if programs < 2 * multiprocessors else kernel
+    if dropout and (variant, max(block_d, 64), bias) in SM90_DROPOUT:
+        return SM90_DROPOUT[(variant, max(block_d, 64), bias)]
+    return SM90[(variant, True, block_d)]

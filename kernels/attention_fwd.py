@@ -20,8 +20,11 @@ import triton
 import triton.language as tl
 from mome.kernels._common import widen_bf16_in_interpreter
 from mome.kernels.attention_masks import (
+    bias_plane,
     causal_key_bounds,
+    dropout_keep,
     key_tile_info,
+    load_bias_log2,
     load_rows,
     query_row_bits,
     visible_pairs,
@@ -97,29 +100,47 @@ def _add_nonfinite_values(acc, v, sees):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, seen_bad, q, k_source, v_source, start_n, rows, row_ok, nk, shift, prefix, scale_log2,
-              key_ok, key_modality, row_bits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, SAFE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MODALITY: tl.constexpr,
-              SCALE_FMA: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _fwd_tile(acc, m_i, l_i, seen_bad, q, k_source, v_source, Bias, bias_base, bias_row, start_n, rows, row_ok, nq, nk,
+              shift, prefix, scale_log2, key_ok, key_modality, row_bits, seed, bh, dropout_threshold, keep_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              SAFE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MODALITY: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, SCALE_FMA: tl.constexpr, USE_TMA: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):  # fmt: skip
     """One step of the online softmax over the key tile at ``start_n``. Hidden keys get a score of -inf whatever K
     holds. With ``SAFE``, hidden pairs of a masked tile never multiply their V (``seen_bad``: the tile held a
     non-finite V value that some query sees, to be added after the loop); without it the masked tile runs the
-    plain product, whose P is 0 for hidden pairs, which is exact unless V holds a NaN or Inf there."""
+    plain product, whose P is 0 for hidden pairs, which is exact unless V holds a NaN or Inf there.
+
+    A bias is added to the scaled scores (base 2); its -inf hides the pair through P = 0 in the fast kernel, and
+    explicitly (every tile is then masked) in the safe one. Dropout scales the kept P of the P·V product only: the
+    softmax statistics are those of the undropped probabilities."""
     k = load_tile(k_source, start_n, nk, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
     v = load_tile(v_source, start_n, nk, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        bias = load_bias_log2(Bias, bias_base, rows[:, None], cols[None, :], nq, nk, bias_row)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if not SCALE_FMA:  # scaled before the mask: a negative scale must not turn a hidden -inf into +inf
+    if HAS_BIAS:
+        s = s * scale_log2 + bias
+    elif not SCALE_FMA:  # scaled before the mask: a negative scale must not turn a hidden -inf into +inf
         s = s * scale_log2
     if MASKED:
-        cols = start_n + tl.arange(0, BLOCK_N)
         visible = visible_pairs(rows[:, None], cols[None, :], shift, prefix, key_ok[None, :], key_modality[None, :],
                                 row_bits[:, None], CAUSAL, HAS_MODALITY)  # fmt: skip
+        if SAFE and HAS_BIAS:
+            visible = visible & (bias != float("-inf"))
+    elif SAFE and HAS_BIAS:
+        visible = bias != float("-inf")
+    CHECKED: tl.constexpr = MASKED or (SAFE and HAS_BIAS)
+    if CHECKED:
         s = tl.where(visible, s, float("-inf"))
     p, m_new, m_safe = scaled_softmax_step(s, m_i, scale_log2, SCALE_FMA)
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASKED and SAFE:
+    if HAS_DROPOUT:
+        p = tl.where(dropout_keep(seed, bh, rows, start_n, dropout_threshold, BLOCK_N), p * keep_scale, 0.0)
+    if CHECKED and SAFE:
         acc, bad = _masked_pv(acc, p, v, visible, row_ok, DOT_PRECISION)
         seen_bad = tl.maximum(seen_bad, bad)
     else:
@@ -151,11 +172,13 @@ def key_tile_loops(SchedCounts, batch, query_tile, nq, nk, prefix, BLOCK_M: tl.c
 
 
 @triton.jit
-def _fwd_pass(q, k_source, v_source, KeyPad, Modality, SchedFull, SchedPartial, list_base, first_partial, n_full,
-              n_partial, batch, rows, row_ok, offs_n, nk, shift, prefix, scale_log2, row_bits, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
-              SCHEDULE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_MODALITY: tl.constexpr,
-              SCALE_FMA: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _fwd_pass(q, k_source, v_source, Bias, bias_base, bias_row, KeyPad, Modality, SchedFull, SchedPartial, list_base,
+              first_partial, n_full, n_partial, batch, rows, row_ok, offs_n, nq, nk, shift, prefix, scale_log2,
+              row_bits, seed, bh, dropout_threshold, keep_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr, SCHEDULE: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_MODALITY: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, SCALE_FMA: tl.constexpr, USE_TMA: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):  # fmt: skip
     """The online softmax over the query tile's full key tiles, then its partial ones: ``(acc, m, l, seen_bad)``."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -164,19 +187,40 @@ def _fwd_pass(q, k_source, v_source, KeyPad, Modality, SchedFull, SchedPartial, 
     for i in range(0, n_full):
         start_n = schedule_entry(SchedFull, list_base, i, 0, SCHEDULE) * BLOCK_N
         acc, m_i, l_i, seen_bad = _fwd_tile(
-            acc, m_i, l_i, seen_bad, q, k_source, v_source, start_n, rows, row_ok, nk, shift, prefix, scale_log2,
-            offs_n, offs_n, row_bits, HEAD_DIM, BLOCK_D, BLOCK_N, False, SAFE, CAUSAL, HAS_MODALITY, SCALE_FMA,
-            USE_TMA, DOT_PRECISION,
+            acc, m_i, l_i, seen_bad, q, k_source, v_source, Bias, bias_base, bias_row, start_n, rows, row_ok, nq, nk,
+            shift, prefix, scale_log2, offs_n, offs_n, row_bits, seed, bh, dropout_threshold, keep_scale, HEAD_DIM,
+            BLOCK_D, BLOCK_N, False, SAFE, CAUSAL, HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, SCALE_FMA, USE_TMA,
+            DOT_PRECISION,
         )  # fmt: skip
     for i in range(0, n_partial):
         start_n = schedule_entry(SchedPartial, list_base, i, first_partial, SCHEDULE) * BLOCK_N
         key_ok, key_modality = key_tile_info(KeyPad, Modality, batch, start_n + offs_n, nk, HAS_PADDING, HAS_MODALITY)
         acc, m_i, l_i, seen_bad = _fwd_tile(
-            acc, m_i, l_i, seen_bad, q, k_source, v_source, start_n, rows, row_ok, nk, shift, prefix, scale_log2,
-            key_ok, key_modality, row_bits, HEAD_DIM, BLOCK_D, BLOCK_N, True, SAFE, CAUSAL, HAS_MODALITY, SCALE_FMA,
-            USE_TMA, DOT_PRECISION,
+            acc, m_i, l_i, seen_bad, q, k_source, v_source, Bias, bias_base, bias_row, start_n, rows, row_ok, nq, nk,
+            shift, prefix, scale_log2, key_ok, key_modality, row_bits, seed, bh, dropout_threshold, keep_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, SAFE, CAUSAL, HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, SCALE_FMA, USE_TMA,
+            DOT_PRECISION,
         )  # fmt: skip
     return acc, m_i, l_i, seen_bad
+
+
+@triton.jit
+def _add_nonfinite_tile(acc, v_source, Bias, bias_base, bias_row, KeyPad, Modality, batch, start_n, rows, row_ok,
+                        offs_n, nq, nk, shift, prefix, row_bits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                        HAS_MODALITY: tl.constexpr, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """The safe pass's post-loop step for one key tile: its non-finite values, added to the queries that see them."""
+    cols = start_n + offs_n
+    visible = row_ok[:, None] & (cols < nk)[None, :]
+    if MASKED:
+        key_ok, key_modality = key_tile_info(KeyPad, Modality, batch, cols, nk, HAS_PADDING, HAS_MODALITY)
+        visible = visible & visible_pairs(rows[:, None], cols[None, :], shift, prefix, key_ok[None, :],
+                                          key_modality[None, :], row_bits[:, None], CAUSAL, HAS_MODALITY)  # fmt: skip
+    if HAS_BIAS:
+        bias = load_bias_log2(Bias, bias_base, rows[:, None], cols[None, :], nq, nk, bias_row)
+        visible = visible & (bias != float("-inf"))
+    v = load_tile(v_source, start_n, nk, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    return _add_nonfinite_values(acc, v, visible)
 
 
 @triton.jit
@@ -186,6 +230,8 @@ def _fwd_program(
     Q,
     K,
     V,
+    Bias,
+    Seed,
     KeyPad,
     PrefixLen,
     Modality,
@@ -198,7 +244,12 @@ def _fwd_program(
     group,
     nq,
     nk,
+    bias_stride_b,
+    bias_stride_h,
+    bias_row,
     scale_log2,
+    dropout_threshold,
+    keep_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -207,6 +258,8 @@ def _fwd_program(
     HAS_PADDING: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     HAS_MODALITY: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     SCALE_FMA: tl.constexpr,
     USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -232,6 +285,10 @@ def _fwd_program(
         prefix = tl.load(PrefixLen + batch).to(tl.int32)
     shift = nk - nq
     row_bits = query_row_bits(Modality, AllowedBits, batch, rows, nq, nk, HAS_MODALITY)
+    bias_base = bias_plane(batch, bh % heads, bias_stride_b, bias_stride_h)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     SCHEDULE: tl.constexpr = HAS_PADDING or HAS_MODALITY
     list_base, first_partial, n_full, n_partial = key_tile_loops(
@@ -240,20 +297,28 @@ def _fwd_program(
 
     offs_n = tl.arange(0, BLOCK_N)
     acc, m_i, l_i, seen_bad = _fwd_pass(
-        q, k_source, v_source, KeyPad, Modality, SchedFull, SchedPartial, list_base, first_partial, n_full, n_partial,
-        batch, rows, row_ok, offs_n, nk, shift, prefix, scale_log2, row_bits, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N,
-        SAFE, SCHEDULE, CAUSAL, HAS_PADDING, HAS_MODALITY, SCALE_FMA, USE_TMA, DOT_PRECISION,
+        q, k_source, v_source, Bias, bias_base, bias_row, KeyPad, Modality, SchedFull, SchedPartial, list_base,
+        first_partial, n_full, n_partial, batch, rows, row_ok, offs_n, nq, nk, shift, prefix, scale_log2, row_bits,
+        seed, bh, dropout_threshold, keep_scale, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, SAFE, SCHEDULE, CAUSAL,
+        HAS_PADDING, HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, SCALE_FMA, USE_TMA, DOT_PRECISION,
     )  # fmt: skip
     if SAFE:
         if seen_bad > 0:  # a masked tile held a NaN or Inf in V that some query sees: add it to exactly those
+            if HAS_BIAS:  # the full tiles were masked too (by the bias)
+                for i in range(0, n_full):
+                    start_n = schedule_entry(SchedFull, list_base, i, 0, SCHEDULE) * BLOCK_N
+                    acc = _add_nonfinite_tile(
+                        acc, v_source, Bias, bias_base, bias_row, KeyPad, Modality, batch, start_n, rows, row_ok,
+                        offs_n, nq, nk, shift, prefix, row_bits, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PADDING,
+                        HAS_MODALITY, HAS_BIAS, USE_TMA,
+                    )  # fmt: skip
             for i in range(0, n_partial):
                 start_n = schedule_entry(SchedPartial, list_base, i, first_partial, SCHEDULE) * BLOCK_N
-                cols = start_n + offs_n
-                key_ok, key_modality = key_tile_info(KeyPad, Modality, batch, cols, nk, HAS_PADDING, HAS_MODALITY)
-                visible = visible_pairs(rows[:, None], cols[None, :], shift, prefix, key_ok[None, :],
-                                        key_modality[None, :], row_bits[:, None], CAUSAL, HAS_MODALITY)  # fmt: skip
-                v = load_tile(v_source, start_n, nk, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
-                acc = _add_nonfinite_values(acc, v, visible & row_ok[:, None])
+                acc = _add_nonfinite_tile(
+                    acc, v_source, Bias, bias_base, bias_row, KeyPad, Modality, batch, start_n, rows, row_ok, offs_n,
+                    nq, nk, shift, prefix, row_bits, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING,
+                    HAS_MODALITY, HAS_BIAS, USE_TMA,
+                )  # fmt: skip
     elif CHECK_FINITE:
         nonfinite = tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
         tl.store(Flags + bh.to(tl.int64) * tl.num_programs(0) + query_tile, nonfinite)
@@ -273,26 +338,32 @@ def _fwd_program(
 
 
 @triton.jit
-def attention_fwd_kernel(Out, Lse, Q, K, V, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull, SchedPartial,
-                         SchedCounts, Flags, heads, group, nq, nk, scale_log2, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+def attention_fwd_kernel(Out, Lse, Q, K, V, Bias, Seed, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull,
+                         SchedPartial, SchedCounts, Flags, heads, group, nq, nk, bias_stride_b, bias_stride_h, bias_row,
+                         scale_log2, dropout_threshold, keep_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                          HAS_PADDING: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_MODALITY: tl.constexpr,
-                         SCALE_FMA: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         SAFE: tl.constexpr, CHECK_FINITE: tl.constexpr):  # fmt: skip
+                         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SCALE_FMA: tl.constexpr,
+                         USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr,
+                         CHECK_FINITE: tl.constexpr):  # fmt: skip
     """The forward. Launched fast first; where masks can hide real keys (``CHECK_FINITE``) a second launch with
     ``SAFE`` recomputes, exactly, only the tiles whose fast output is non-finite: a hidden pair's plain product is
     P = 0 times its value, exact unless that value is a NaN or Inf (a real one, or whatever padding holds). Keeping
-    that rare work out of the fast kernel keeps its registers those of a plain tile."""
+    that rare work out of the fast kernel keeps its registers those of a plain tile. ``Bias`` (``HAS_BIAS``) is a
+    ``[Nq, Nk]`` plane per (batch, head) at the given strides; ``Seed`` (``HAS_DROPOUT``) the one-element int64
+    dropout seed, with the 16-bit threshold and the kept values' scale."""
     if SAFE:
         if tl.load(Flags + tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) != 0:
             _fwd_program(
-                Out, Lse, Q, K, V, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull, SchedPartial, SchedCounts,
-                Flags, heads, group, nq, nk, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_PADDING,
-                HAS_PREFIX, HAS_MODALITY, SCALE_FMA, USE_TMA, DOT_PRECISION, True, False,
+                Out, Lse, Q, K, V, Bias, Seed, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull, SchedPartial,
+                SchedCounts, Flags, heads, group, nq, nk, bias_stride_b, bias_stride_h, bias_row, scale_log2,
+                dropout_threshold, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_PADDING, HAS_PREFIX,
+                HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, SCALE_FMA, USE_TMA, DOT_PRECISION, True, False,
             )  # fmt: skip
     else:
         _fwd_program(
-            Out, Lse, Q, K, V, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull, SchedPartial, SchedCounts, Flags,
-            heads, group, nq, nk, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_PADDING, HAS_PREFIX,
-            HAS_MODALITY, SCALE_FMA, USE_TMA, DOT_PRECISION, False, CHECK_FINITE,
+            Out, Lse, Q, K, V, Bias, Seed, KeyPad, PrefixLen, Modality, AllowedBits, SchedFull, SchedPartial,
+            SchedCounts, Flags, heads, group, nq, nk, bias_stride_b, bias_stride_h, bias_row, scale_log2,
+            dropout_threshold, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_PADDING, HAS_PREFIX,
+            HAS_MODALITY, HAS_BIAS, HAS_DROPOUT, SCALE_FMA, USE_TMA, DOT_PRECISION, False, CHECK_FINITE,
         )  # fmt: skip

@@ -99,3 +99,39 @@ def load_lse_log2(Lse, offsets, mask):
     """Saved natural-log LSE in base 2; rows that see nothing (or lie out of bounds) get +inf so P = 0."""
     lse = tl.load(Lse + offsets, mask=mask, other=float("inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # x log2(e)
+
+
+@triton.jit
+def bias_plane(batch, head, bias_stride_b, bias_stride_h):
+    """Offset of the ``[Nq, Nk]`` bias plane of (batch, head): strides are 0 along broadcast dims."""
+    return batch.to(tl.int64) * bias_stride_b + head.to(tl.int64) * bias_stride_h
+
+
+@triton.jit
+def load_bias_log2(Bias, base, rows, cols, nq, nk, row_stride):
+    """The additive bias of the pairs ``(rows, cols)`` (index vectors shaped for broadcasting, as above) of the
+    ``[Nq, Nk]`` bias plane at ``base`` (rows ``row_stride`` apart), in base 2 (× log2 e) and fp32. Pairs out of
+    bounds get -inf: hidden like a masked pair, so a NaN that the product of a real key with a missing (zero) query
+    row gives stays out of dK/dV. Plain pointer loads (no TMA: a descriptor per plane); the launcher pads
+    ``row_stride`` to a multiple of 16 elements so they vectorise to 16-byte loads."""
+    bias = tl.load(Bias + base + rows * row_stride + cols, mask=(rows < nq) & (cols < nk), other=float("-inf"))
+    return bias.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, start_n, threshold, BLOCK_N: tl.constexpr):
+    """``[len(rows), BLOCK_N]`` bool: does dropout keep the pair (query ``rows[i]``, key ``start_n + j``) of head
+    row ``bh``? The mask of ``mome.reference.dropout``: one Philox4x32-10 call on the counter
+    ``(key // 8, query, bh, 0)`` serves eight neighbouring keys, key ``j`` reading the 16-bit half ``j % 2`` of word
+    ``(j % 8) // 2`` (``start_n`` is a multiple of 8); kept when that half is at least ``threshold``."""
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8]
+    c0 = tl.broadcast_to(groups[None, :], (rows.shape[0], BLOCK_N // 8))
+    c1 = tl.broadcast_to(rows[:, None], (rows.shape[0], BLOCK_N // 8))
+    c2 = tl.zeros_like(c0) + bh.to(tl.int32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, tl.zeros_like(c0))
+    # join appends a last axis, so the later a join the less significant its index once flattened:
+    # [.., g, a, b, h] holds half h of word 2a + b, which is key 8g + 2(2a + b) + h
+    low = tl.join(tl.join(w0 & 0xFFFF, w2 & 0xFFFF), tl.join(w1 & 0xFFFF, w3 & 0xFFFF))
+    high = tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16))
+    halves = tl.reshape(tl.join(low, high), (rows.shape[0], BLOCK_N))
+    return halves.to(tl.int32, bitcast=True) >= threshold

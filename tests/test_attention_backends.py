@@ -110,3 +110,83 @@ def test_inputs_beyond_a_declared_head_dim_are_declined_and_the_reference_takes_
     ):
         attention(q, q, q, backend=backend)
     assert BACKENDS.reason("reference", dict(q=q, masks=AttentionMasks())) is None
+
+
+def _declines(backend: str, size: str) -> bool:
+    bounds = declared_range(BACKENDS, backend, size)
+    return bounds is not None and bounds[1] == 0
+
+
+BIAS_CASES = {  # name -> (case of CASES, bias shape letters: b/1 for the batch dim, h/1 for the head dim)
+    "1h_causal": ("gqa_causal_nq_lt_nk", "1h"),
+    "b1_padding": ("ragged_padding", "b1"),
+    "bh_everything": ("everything", "bh"),
+    "11_plain": ("plain", "11"),
+}
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["fixed_bias", "learned_bias"])
+@pytest.mark.parametrize("bias_case", sorted(BIAS_CASES))
+def test_bias_output_and_gradients_against_a_dense_formula(backend, dtype, bias_grad, bias_case):
+    case, letters = BIAS_CASES[bias_case]
+    batch, heads, kv_heads, nq, nk, dim, spec = CASES[case]
+    gen = torch.Generator().manual_seed(len(bias_case))
+    q, k, v = (torch.randn(batch, h, n, dim, generator=gen) for h, n in ((heads, nq), (kv_heads, nk), (kv_heads, nk)))
+    masks = _masks(batch, nq, nk, spec, gen)
+    bias_shape = (batch if letters[0] == "b" else 1, heads if letters[1] == "h" else 1, nq, nk)
+    bias = (torch.randn(bias_shape, generator=gen) * 3).masked_fill(torch.rand(bias_shape, generator=gen) < 0.1,
+                                                                     float("-inf"))  # fmt: skip
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+    bias_leaf = bias.to(DEVICE).requires_grad_(bias_grad)  # fp32 whatever q's dtype
+    on_device = {name: m.to(DEVICE) if isinstance(m, torch.Tensor) else m for name, m in masks.items()}
+    if bias_grad and _declines(backend, "bias_grad"):
+        with pytest.raises(BackendUnavailableError, match="bias_grad"):
+            attention(*leaves, **on_device, attn_bias=bias_leaf, backend=backend)
+        return
+    out = attention(*leaves, **on_device, attn_bias=bias_leaf, scale=0.5, backend=backend)
+    reference_leaves = [t.detach().double().cpu().requires_grad_() for t in (*leaves, bias_leaf)]
+    group = heads // kv_heads
+    rq, rk, rv, rbias = reference_leaves
+    rk, rv = (t.repeat_interleave(group, dim=1) for t in (rk, rv))
+    seen = _visible(batch, nq, nk, masks)[:, None] & ~torch.isneginf(rbias.detach())
+    scores = torch.where(seen, rq @ rk.transpose(-1, -2) * 0.5 + rbias, float("-inf"))
+    expected = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ rv
+    assert_close(out.cpu(), expected, TOLERANCE[dtype], "out")
+    dout = torch.randn(out.shape, generator=gen)
+    out.backward(dout.to(DEVICE, dtype))
+    expected.backward(dout.double())
+    for name, leaf, reference in zip("qkv", leaves, reference_leaves, strict=False):
+        assert_close(leaf.grad.cpu(), reference.grad, GRAD_TOLERANCE[dtype], f"d{name}")
+    if bias_grad:
+        assert bias_leaf.grad.dtype == torch.float32
+        tolerance = max(GRAD_TOLERANCE[dtype], TOLERANCE[torch.float32])  # rounded to the bias's own fp32
+        assert_close(bias_leaf.grad.cpu(), reference_leaves[3].grad, tolerance, "dbias")
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_dropout_is_the_same_on_every_backend_that_runs_it(backend, dtype):
+    batch, heads, kv_heads, nq, nk, dim, spec = CASES["everything"]
+    gen = torch.Generator().manual_seed(99)
+    q, k, v = (torch.randn(batch, h, n, dim, generator=gen) for h, n in ((heads, nq), (kv_heads, nk), (kv_heads, nk)))
+    masks = {name: m.to(DEVICE) if isinstance(m, torch.Tensor) else m for name, m in _masks(batch, nq, nk, spec,
+                                                                                           gen).items()}  # fmt: skip
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+
+    def run(backend_, inputs):
+        generator = torch.Generator(device=DEVICE).manual_seed(1234)
+        return attention(*inputs, **masks, dropout_p=0.3, generator=generator, backend=backend_)
+
+    if _declines(backend, "dropout"):
+        with pytest.raises(BackendUnavailableError, match="dropout"):
+            run(backend, leaves)
+        return
+    out = run(backend, leaves)
+    reference_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    expected = run("reference", reference_leaves)
+    assert_close(out.double(), expected, TOLERANCE[dtype], "out")
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE)
+    out.backward(dout.to(dtype))
+    expected.backward(dout.double())
+    for name, leaf, reference in zip("qkv", leaves, reference_leaves, strict=True):
+        assert_close(leaf.grad.double(), reference.grad, GRAD_TOLERANCE[dtype], f"d{name}")

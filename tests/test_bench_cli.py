@@ -60,6 +60,7 @@ def test_every_family_has_tiny_cases_and_a_baseline():
     [
         ("attention", "tiny-prefix"),
         ("attention", "tiny-padding"),
+        ("attention", "tiny-bias"),
         ("decode_attention", "tiny-ragged"),
         ("modality_ffn", "tiny-interleaved"),
         ("modality_ffn", "tiny-split"),

@@ -153,8 +153,37 @@ def test_patch_swaps_layers_in_place_and_keeps_outputs():
 def test_unsupported_configs_are_named():
     with pytest.raises(ValueError, match="deepnorm"):
         from_beit3(_beit3(deepnorm=True))
-    with pytest.raises(ValueError, match="rel_pos_buckets"):
-        from_beit3(_beit3(rel_pos_buckets=32, max_rel_pos=64))
+    with pytest.raises(ValueError, match="xpos_rel_pos"):
+        from_beit3(_beit3(xpos_rel_pos=True))
     ours = from_beit3(_beit3())
     with pytest.raises(NotImplementedError, match="attn_mask"):
         ours(textual_tokens=torch.zeros(1, 3, dtype=torch.int64), attn_mask=torch.zeros(3, 3))
+
+
+def test_relative_position_buckets_convert_and_match_torchscale():
+    theirs = _beit3(seed=5, rel_pos_buckets=8, max_rel_pos=12)
+    ours = from_beit3(theirs)
+    config = ours.config
+    assert (config.relative_position, config.rel_pos_buckets, config.max_rel_pos) == ("buckets", 8, 12)
+    weight = ours.relative_position.relative_attention_bias.weight
+    assert torch.equal(weight, theirs.encoder.relative_position.relative_attention_bias.weight)
+    patched = patch(copy.deepcopy(theirs))
+    for name, kwargs in _cases().items():
+        expected = theirs(**kwargs)["encoder_out"]
+        assert_close(ours(**kwargs)["encoder_out"], expected, TOLERANCE[torch.float32], name)
+        assert_close(patched(**kwargs)["encoder_out"], expected, TOLERANCE[torch.float32], f"patched {name}")
+    kwargs = _cases()["pair_padded"]
+    grad = torch.randn(3, 11, 32)
+    theirs(**kwargs)["encoder_out"].backward(grad)
+    ours(**kwargs)["encoder_out"].backward(grad)
+    theirs_grad = theirs.encoder.relative_position.relative_attention_bias.weight.grad
+    assert theirs_grad.abs().max() > 0
+    assert_close(weight.grad, theirs_grad, 1e-4, "drelative_attention_bias")
+
+
+def test_attention_dropout_converts_and_is_off_in_eval():
+    theirs = _beit3(seed=6, attention_dropout=0.3)
+    ours = from_beit3(theirs)
+    assert ours.config.attention_dropout == 0.3 and all(layer.attn.dropout == 0.3 for layer in ours.layers)
+    kwargs = _cases()["pair_padded"]
+    assert_close(ours(**kwargs)["encoder_out"], theirs(**kwargs)["encoder_out"], TOLERANCE[torch.float32])

@@ -158,26 +158,69 @@ def test_output_attentions_falls_back_to_eager_with_the_reason():
     assert list(mt.TALLY.fallbacks) == ["output_attentions (only eager returns attention weights)"]
 
 
-def test_attention_dropout_while_training_falls_back():
+def test_attention_dropout_while_training_runs_fused():
     config = transformers.CLIPConfig(text_config=dict(TEXT, attention_dropout=0.5), vision_config=VISION)
     _, ours = _pair(transformers.CLIPModel, config)
     ours.train()
     ids, keep = _text()
     ours(input_ids=ids, attention_mask=keep, pixel_values=_images())
-    assert mt.TALLY.fused == 2  # the vision layers have no dropout
-    assert mt.TALLY.fallbacks == {"attention dropout while training (dropout > 0)": 2}
+    assert mt.TALLY.fused == 4 and not mt.TALLY.fallbacks
 
 
-def test_a_sliding_window_mask_falls_back_to_sdpa(recognitions):
+def test_bert_trains_with_attention_dropout_on_mome(recognitions):
+    config = transformers.BertConfig(**TEXT, attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.0)
+    reference, ours = _pair(transformers.BertModel, config)
+    ids, keep = _text()
+    inputs = dict(input_ids=ids, attention_mask=keep)
+    _check_step(reference, ours, inputs, ["last_hidden_state"], 1e-6)  # eval: no dropout, sdpa's own result
+    ours.train()
+
+    def step(seed):
+        torch.manual_seed(seed)
+        return ours(**inputs).last_hidden_state
+
+    mt.TALLY.reset()
+    first = step(4)
+    assert mt.TALLY.fused == 2 and not mt.TALLY.fallbacks, "the training forward did not run on mome"
+    assert torch.equal(step(4), first) and not torch.allclose(step(5), first)
+    assert not torch.allclose(first, ours.eval()(**inputs).last_hidden_state)
+    ours.zero_grad()
+    first.square().mean().backward()
+    assert ours.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert recognitions == [], "BERT's mask carries its structure"
+
+
+def test_t5_position_bias_runs_as_a_bias(monkeypatch):
+    config = transformers.T5Config(
+        vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    reference, ours = _pair(transformers.T5ForConditionalGeneration, config)
+    with torch.no_grad():  # T5's init gives a near-zero position bias: make it matter
+        for model in (reference, ours):
+            for name, p in model.named_parameters():
+                if name.endswith("relative_attention_bias.weight"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(6)))
+    biases = []
+    attention = mome.ops.attention
+    monkeypatch.setattr(mome.ops, "attention", lambda *a, **k: biases.append(k["attn_bias"]) or attention(*a, **k))
+    ids, keep = _text()
+    labels, _ = _text(lengths=(9, 9, 9))
+    _check_step(reference, ours, dict(input_ids=ids, attention_mask=keep, labels=labels), ["loss", "logits"], 1e-6)
+    assert mt.TALLY.fused == 2 + 2 * 2 and not mt.TALLY.fallbacks  # encoder self; decoder self + cross
+    assert all(bias is not None for bias in biases)
+
+
+def test_a_sliding_window_mask_runs_as_a_bias(recognitions, monkeypatch):
     config = transformers.MistralConfig(**TEXT, num_key_value_heads=2, sliding_window=3, pad_token_id=0)
     reference, ours = _pair(transformers.MistralForCausalLM, config)
     ids, keep = _text()
-    expected, actual = reference(input_ids=ids, attention_mask=keep), ours(input_ids=ids, attention_mask=keep)
-    assert_close(actual.logits, expected.logits, 1e-6, "logits")
-    assert mt.TALLY.fused == 0
-    assert list(mt.TALLY.fallbacks) == [
-        "an attn_mask that is neither causal nor key padding (a bias, per-head or windowed mask)"
-    ]
+    biases = []
+    attention = mome.ops.attention
+    monkeypatch.setattr(mome.ops, "attention", lambda *a, **k: biases.append(k["attn_bias"]) or attention(*a, **k))
+    _check_step(reference, ours, dict(input_ids=ids, attention_mask=keep), ["logits"], 1e-6)
+    assert mt.TALLY.fused == 2 and not mt.TALLY.fallbacks
+    assert all(bias is not None and bias.shape == (3, 1, 9, 9) for bias in biases)
     assert len(recognitions) == 1, "one read of the mask per forward, shared by the layers"
 
 
@@ -210,6 +253,45 @@ def test_blip_captioning_step_and_generate(monkeypatch, recognitions):
     assert actual.tolist() == expected.tolist()
     assert query_lengths.count(1) >= 2 * 2 * 4, "the cached steps (one query each) did not run on mome"
     assert recognitions == [], "BLIP's layers read their dense masks back"
+
+
+def test_blip_trains_with_attention_dropout_on_mome():
+    reference, ours = _blip()
+    ours.config.text_config.attention_probs_dropout_prob = 0.3
+    for module in ours.modules():
+        if type(module).__name__ in ("MomeBlipAttention", "MomeBlipTextSelfAttention"):
+            module.dropout.p = 0.3
+    ids, keep = _text()
+    ids[:, 0] = 1
+    inputs = dict(input_ids=ids, attention_mask=keep, pixel_values=_images(), labels=ids)
+    ours.train()
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        return ours(**inputs).loss
+
+    first = loss(2)
+    assert mt.TALLY.fused == 6 and not mt.TALLY.fallbacks
+    assert torch.equal(loss(2), first) and not torch.equal(loss(3), first)
+    first.backward()
+    assert ours.vision_model.encoder.layers[0].self_attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_blip_text_mask_that_is_not_structure_runs_as_a_bias(monkeypatch):
+    reference, ours = _blip()
+    biases = []
+    attention = mome.ops.attention
+    monkeypatch.setattr(mome.ops, "attention", lambda *a, **k: biases.append(k["attn_bias"]) or attention(*a, **k))
+    ids, _ = _text()
+    keep = torch.rand(3, 1, 9, 9, generator=torch.Generator().manual_seed(4)) < 0.6  # a model's own 4-D mask
+    keep[..., 0] = True
+    additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    image = torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(5))
+    kwargs = dict(input_ids=ids, attention_mask=additive, encoder_hidden_states=image)
+    expected, actual = reference.text_decoder(**kwargs).logits, ours.text_decoder(**kwargs).logits
+    assert_close(actual, expected, 1e-6, "logits")
+    assert mt.TALLY.fused == 2 * 2 and not mt.TALLY.fallbacks
+    assert [b is not None for b in biases] == [True, False] * 2  # self-attention: the bias; cross: no mask
 
 
 def test_blip_on_the_triton_kernels():

@@ -106,4 +106,10 @@ def test_the_gate_passes_on_every_kernel_the_launchers_plan(tmp_path):
     hopper = [row for row in rows if row["arch"] == 90 and row["name"].startswith("attention")
               and "fp32" not in row["name"] and "delta" not in row["name"]]  # fmt: skip
     assert hopper and all(row["wgmma"] > 0 and row["mma_sync"] == 0 and row["tma"] > 0 for row in hopper)
+    # issue 14: the bias, dropout and bias + dropout + padding variants and the dBias kernel are gated too
+    hopper_names = [row["name"] for row in hopper]
+    for tag in ("_b_", "_d_", "_kbd_"):
+        assert any(name.startswith("attention_fwd_bf16") and tag in name for name in hopper_names), tag
+        assert any(name.startswith("attention_bwd_dkdv_bf16") and tag in name for name in hopper_names), tag
+    assert any(name.startswith("attention_bias_grad_bf16") for name in hopper_names)
     print(result.stdout)

@@ -102,16 +102,16 @@ def test_causal_masks_fused_match_torch(mask_kind, with_padding):
     _run_both(theirs, ours, _inputs(True, src=L), True, **kwargs)
 
 
-def test_need_weights_and_unexpressible_masks_fall_back_exactly():
+def test_need_weights_falls_back_exactly_and_other_masks_run_fused():
     theirs, ours = _pair(batch_first=True)
     inputs = _inputs(True)
     _run_both(theirs, ours, inputs, False, need_weights=True)
     _run_both(theirs, ours, inputs, False, need_weights=True, average_attn_weights=False)
-    bias = torch.randn(L, S, dtype=torch.float64)  # arbitrary additive float mask
-    _run_both(theirs, ours, inputs, False, need_weights=False, attn_mask=bias)
+    bias = torch.randn(L, S, dtype=torch.float64)  # arbitrary additive float mask: the op's attn_bias
+    _run_both(theirs, ours, inputs, True, need_weights=False, attn_mask=bias)
     per_head = torch.rand(B * HEADS, L, S) < 0.3  # 3-D bool mask
     per_head[..., 0] = False
-    _run_both(theirs, ours, inputs, False, need_weights=False, attn_mask=per_head)
+    _run_both(theirs, ours, inputs, True, need_weights=False, attn_mask=per_head)
 
 
 def test_separate_kv_dims_no_bias_and_unbatched():
@@ -123,18 +123,11 @@ def test_separate_kv_dims_no_bias_and_unbatched():
     _run_both(theirs, ours, unbatched, True, need_weights=False)
 
 
-def test_dropout_training_and_bias_kv_fall_back():
+def test_bias_kv_and_zero_attn_fall_back():
     theirs, ours = _pair(add_bias_kv=True)
     _run_both(theirs, ours, _inputs(False), False, need_weights=False)
-    _, ours = _pair(dropout=0.5)
-    ours.train()
-    with mock.patch.object(attention_module.ops, "attention") as spy:
-        ours(*_inputs(False), need_weights=False)
-    assert not spy.called
-    ours.eval()
-    with mock.patch.object(attention_module.ops, "attention", wraps=attention_module.ops.attention) as spy:
-        ours(*_inputs(False), need_weights=False)
-    assert spy.called
+    theirs, ours = _pair(add_zero_attn=True)
+    _run_both(theirs, ours, _inputs(False), False, need_weights=False)
 
 
 def test_is_causal_without_mask_raises_like_torch():

@@ -94,3 +94,38 @@ def test_multihead_attention_takes_an_attached_3d_mask_as_structure(monkeypatch)
     actual = ours(x, x, x, attn_mask=additive, need_weights=False)[0]
     assert not parent, "the fused path did not run"
     assert_close(actual, expected, 1e-6)
+
+
+def test_recognitions_keep_to_their_convention():
+    """A bool mask means "masked" to nn.MultiheadAttention and "take part" to sdpa: neither reads the other's answer."""
+    blocked = torch.ones(4, 4, dtype=torch.bool).triu(1)
+    assert masks.mha_structure_of(blocked, 2, 3, 4, 4) == MaskStructure(True, None)
+    assert masks.structure_of(blocked, 4, 4) is None  # only the future visible: no structure
+    assert masks.mha_structure_of(blocked, 2, 3, 4, 4) == MaskStructure(True, None)
+    attach_structure(blocked, None)  # what a caller attaches holds for every reader
+    assert masks.mha_structure_of(blocked, 2, 3, 4, 4) is None and masks.structure_of(blocked, 4, 4) is None
+
+
+def test_recognise_mha_shapes_and_values():
+    padding = torch.tensor([[False, False, True], [True, False, False]])
+    per_head = padding[:, None, None, :].expand(2, 3, 3, 3).reshape(6, 3, 3)  # [B·H, L, S], H = 3
+    structure = masks.recognise_mha(per_head, 2, 3, 3, 3)
+    assert not structure.causal and torch.equal(structure.key_padding_mask, padding)
+    assert masks.recognise_mha(per_head, 3, 2, 3, 3) is None  # as B 3, H 2 the heads of one element differ
+    assert masks.recognise_mha(per_head[:4], 2, 3, 3, 3) is None  # not (B·H, L, S)
+    causal = torch.full((3, 3), NEG).triu(1)
+    assert masks.recognise_mha(causal, 1, 1, 3, 3) == MaskStructure(True, None)
+    assert masks.recognise_mha(causal.clamp_min(torch.finfo(torch.float32).min), 1, 1, 3, 3) is None  # a bias
+    assert masks.recognise_mha(causal + 0.5, 1, 1, 3, 3) is None
+    assert masks.recognise_mha(causal.to(torch.int64).clamp(0, 1), 1, 1, 3, 3) is None
+
+
+def test_float_key_padding_read_once(monkeypatch):
+    kpm = torch.zeros(2, 5).masked_fill(torch.tensor([[False] * 4 + [True], [True] + [False] * 4]), NEG)
+    first = masks.key_padding_of(kpm)
+    assert torch.equal(first, torch.isneginf(kpm))
+    monkeypatch.setattr(torch, "isneginf", lambda *a: pytest.fail("read again"))
+    assert masks.key_padding_of(kpm) is first
+    monkeypatch.undo()
+    assert masks.key_padding_of(kpm + 1.0) is None  # a bias
+    assert masks.key_padding_of(torch.zeros(2, 5, requires_grad=True)) is None  # learned: never read

@@ -31,18 +31,18 @@ def config_from_args(args) -> MoMEConfig:
         "deepnorm": args.deepnorm,
         "encoder_normalize_before=False (post-norm)": not args.encoder_normalize_before,
         "normalize_output=False": not args.normalize_output,
-        "rel_pos_buckets (relative position bias)": args.rel_pos_buckets > 0 and args.max_rel_pos > 0,
         "xpos_rel_pos": args.xpos_rel_pos,
         "moe_freq (token-routed MoE)": args.moe_freq > 0,
         "layernorm_embedding": args.layernorm_embedding,
         "no_scale_embedding=False": not args.no_scale_embedding,
-        "attention_dropout": args.attention_dropout > 0,
         f"activation_fn={args.activation_fn!r}": str(args.activation_fn) not in ("gelu", "relu"),
     }
     reasons = [name for name, bad in unsupported.items() if bad]
     if reasons:
         raise ValueError(f"this torchscale BEiT3 uses what mome does not model: {', '.join(reasons)}")
     dim, ffn_dim = args.encoder_embed_dim, args.encoder_ffn_embed_dim
+    # torchscale's encoder adds its T5-style bucketed bias (one table, every layer) when both are set
+    buckets = args.rel_pos_buckets > 0 and args.max_rel_pos > 0
     config = MoMEConfig(
         layout="beit3",
         dim=dim,
@@ -62,6 +62,10 @@ def config_from_args(args) -> MoMEConfig:
         drop_path=args.drop_path_rate,
         subln=args.subln,
         activation=str(args.activation_fn),
+        relative_position="buckets" if buckets else None,
+        rel_pos_buckets=args.rel_pos_buckets if buckets else 32,
+        max_rel_pos=args.max_rel_pos if buckets else 128,
+        attention_dropout=args.attention_dropout,
     )
     if int(config.dim * config.mlp_ratio) != ffn_dim:
         raise ValueError(f"encoder_ffn_embed_dim={ffn_dim} is not expressible as dim * mlp_ratio with dim={dim}")
@@ -199,10 +203,9 @@ def _fused_attention_forward(
     rel_pos=None,
     is_first_step=False,
 ):
-    """torchscale MultiheadAttention.forward on ``mome.ops.attention``; falls back to the original for
-    attn_mask, rel_pos, incremental decoding, xPos and attention dropout while training."""
-    plain = attn_mask is None and rel_pos is None and incremental_state is None and self.xpos is None
-    if not plain or (self.training and self.dropout_module.p > 0):
+    """torchscale MultiheadAttention.forward on ``mome.ops.attention`` (its ``rel_pos`` as ``attn_bias``, its
+    attention dropout as ``dropout_p``); falls back to the original for attn_mask, incremental decoding and xPos."""
+    if attn_mask is not None or incremental_state is not None or self.xpos is not None:
         return super(type(self), self).forward(
             query, key, value, incremental_state, key_padding_mask, attn_mask, rel_pos, is_first_step
         )
@@ -213,7 +216,9 @@ def _fused_attention_forward(
     k = self.k_proj(key).reshape(batch, src_len, heads, head_dim).transpose(1, 2)
     v = self.v_proj(value).reshape(batch, src_len, heads, head_dim).transpose(1, 2)
     padding = None if key_padding_mask is None else key_padding_mask.bool()
-    out = ops.attention(q, k, v, key_padding_mask=padding, scale=self.scaling)
+    bias = None if rel_pos is None else rel_pos.reshape(-1, heads, tgt_len, src_len)  # torchscale's (B·H, L, S)
+    dropout_p = self.dropout_module.p if self.training else 0.0
+    out = ops.attention(q, k, v, key_padding_mask=padding, scale=self.scaling, attn_bias=bias, dropout_p=dropout_p)
     out = out.transpose(1, 2).reshape(batch, tgt_len, dim)
     if self.inner_attn_ln is not None:
         out = self.inner_attn_ln(out)
@@ -235,7 +240,8 @@ def patch(model: nn.Module) -> nn.Module:
     MultiwayNetwork(Linear / LayerNorm / FeedForwardNetwork) become MultiwayLinear / MultiwayLayerNorm /
     ModalityFFN (weights stacked, torchscale's ``set_split_position`` still drives them); each
     self-attention MultiheadAttention gets a forward on ``mome.ops.attention`` (same module, same
-    attributes). The position embeddings stay as they are.
+    attributes; the encoder's relative position bias reaches it as ``attn_bias``). The position embeddings
+    stay as they are.
     """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

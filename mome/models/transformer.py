@@ -12,6 +12,7 @@ from mome.models.config import MoMEConfig
 from mome.models.torchscale_keys import convert_state_dict
 from mome.nn.layer import MoMELayer
 from mome.nn.multiway import LANGUAGE, VISION, MultiwayLayerNorm, MultiwayLinear
+from mome.nn.relative_position import BucketedRelativePositionBias, RelativePositionBias
 from mome.ops._validate import check_ids
 
 
@@ -66,10 +67,12 @@ class MoMETransformer(nn.Module):
     fused [CLS] (for ITM) is ``text_cls``; BEiT-3 puts the image first ([CLS] + patches), then the text,
     and its fused [CLS] is ``image_cls``. :meth:`fused_cls` picks the right one.
 
-    Embeddings: learned absolute positions for both modalities; VLMo adds BERT's embedding LayerNorm to
-    the text and a modality-type embedding to every token (relative position bias is not modelled);
-    BEiT-3 zeroes the embeddings of padded text like torchscale. A load_state_dict pre-hook converts
-    torchscale BEiT3 checkpoints (``*.A.*`` / ``*.B.*`` keys) on load.
+    Embeddings: learned absolute positions for both modalities (``config.absolute_position``); VLMo adds
+    BERT's embedding LayerNorm to the text and a modality-type embedding to every token; BEiT-3 zeroes the
+    embeddings of padded text like torchscale. ``config.relative_position`` adds a learned bias to every
+    layer's attention scores: VLMo's table (``relative_position.relative_position_bias_table``, every layer's
+    heads side by side) or torchscale's bucketed one (``relative_position.relative_attention_bias``). A
+    load_state_dict pre-hook converts torchscale BEiT3 checkpoints (``*.A.*`` / ``*.B.*`` keys) on load.
     """
 
     def __init__(self, config: MoMEConfig):
@@ -78,9 +81,12 @@ class MoMETransformer(nn.Module):
             raise TypeError(f"config must be a MoMEConfig, got {type(config).__name__}")
         self.config = c = config
         self.vision_embed = PatchEmbedding(c.image_size, c.patch_size, c.in_chans, c.dim)
-        self.vision_pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.dim))
         self.text_embed = nn.Embedding(c.vocab_size, c.dim)
-        self.text_pos_embed = nn.Parameter(torch.zeros(1, c.max_text_len, c.dim))
+        if c.absolute_position:
+            self.vision_pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.dim))
+            self.text_pos_embed = nn.Parameter(torch.zeros(1, c.max_text_len, c.dim))
+        else:
+            self.vision_pos_embed = self.text_pos_embed = None
         if c.layout == "vlmo":
             self.text_embed_norm = nn.LayerNorm(c.dim, eps=1e-12)
             self.modality_embed = nn.Embedding(2, c.dim)  # indexed by VISION / LANGUAGE
@@ -97,25 +103,32 @@ class MoMETransformer(nn.Module):
                 dropout=c.dropout,
                 drop_path=c.drop_path * index / max(c.depth - 1, 1),
                 activation=c.activation,
+                attention_dropout=c.attention_dropout,
             )
             for index in range(c.depth)
         )
+        self.relative_position = _relative_position(c)
         self.norm = nn.LayerNorm(c.dim, eps=c.eps) if c.layout == "vlmo" else MultiwayLayerNorm(c.dim, 2, c.eps)
         self.apply(_init_weights)
         for param in (self.vision_pos_embed, self.text_pos_embed, self.vision_embed.cls_token):
-            nn.init.trunc_normal_(param, std=0.02)
+            if param is not None:
+                nn.init.trunc_normal_(param, std=0.02)
         self.register_load_state_dict_pre_hook(_convert_torchscale_keys)
 
     # --- embeddings -------------------------------------------------------------------------------------
     def embed_image(self, images: Tensor, masked_position: Tensor | None = None) -> Tensor:
-        x = self.vision_embed(images, masked_position) + self.vision_pos_embed  # [B, 1 + P, D]
+        x = self.vision_embed(images, masked_position)  # [B, 1 + P, D]
+        if self.vision_pos_embed is not None:
+            x = x + self.vision_pos_embed
         if self.config.layout == "vlmo":
             x = x + self.modality_embed.weight[VISION]
         return x
 
     def embed_text(self, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> Tensor:
         _check_text(text_ids, text_padding_mask, self.config, self.text_embed.weight.device)
-        x = self.text_embed(text_ids.long()) + self.text_pos_embed[:, : text_ids.shape[1]]  # [B, L, D]
+        x = self.text_embed(text_ids.long())  # [B, L, D]
+        if self.text_pos_embed is not None:
+            x = x + self.text_pos_embed[:, : text_ids.shape[1]]
         if self.config.layout == "vlmo":
             x = self.text_embed_norm(x) + self.modality_embed.weight[LANGUAGE]
         elif text_padding_mask is not None:
@@ -123,18 +136,45 @@ class MoMETransformer(nn.Module):
         return x
 
     # --- encoder ----------------------------------------------------------------------------------------
-    def run_layers(self, x: Tensor, modality: Tensor, key_padding_mask: Tensor | None, fused: bool) -> Tensor:
-        """Every layer, then the final norm; modality ``(B, N)`` V/L ids of the tokens."""
+    def attention_biases(self, text_len: int, image_len: int) -> tuple[Tensor | None, ...]:
+        """Each layer's ``(1, H, N, N)`` relative position bias (None without one) for ``text_len`` text and
+        ``image_len`` image tokens in the layout's order."""
+        rel = self.relative_position
+        if isinstance(rel, RelativePositionBias):
+            return rel.per_layer(text_len, image_len)
+        if isinstance(rel, BucketedRelativePositionBias):
+            return (rel(text_len + image_len),) * len(self.layers)
+        return (None,) * len(self.layers)
+
+    def run_layers(
+        self,
+        x: Tensor,
+        modality: Tensor,
+        key_padding_mask: Tensor | None,
+        fused: bool,
+        attn_biases: tuple[Tensor | None, ...] | None = None,
+    ) -> Tensor:
+        """Every layer, then the final norm; modality ``(B, N)`` V/L ids of the tokens; ``attn_biases`` one
+        bias (or None) per layer, as :meth:`attention_biases` gives."""
         x = F.dropout(x, self.config.dropout, self.training)
-        for layer in self.layers:
-            x = layer(x, modality, key_padding_mask, fused=fused)
+        if attn_biases is None:
+            if self.relative_position is not None:
+                raise ValueError(
+                    "this model has a relative position bias: pass attn_biases=model.attention_biases(text_len, "
+                    "image_len) for the tokens in x"
+                )
+            attn_biases = (None,) * len(self.layers)
+        if len(attn_biases) != len(self.layers):
+            raise ValueError(f"attn_biases must hold one bias per layer ({len(self.layers)}), got {len(attn_biases)}")
+        for layer, bias in zip(self.layers, attn_biases, strict=True):
+            x = layer(x, modality, key_padding_mask, fused=fused, attn_bias=bias)
         return self.norm(x) if self.config.layout == "vlmo" else self.norm(x, modality)
 
     def encode_image(self, images: Tensor, masked_position: Tensor | None = None) -> MoMEOutput:
         """images ``(B, C, H, W)`` -> hidden ``(B, 1 + P, D)``, image_cls = hidden[:, 0]."""
         x = self.embed_image(images, masked_position)
         modality = torch.full(x.shape[:2], VISION, dtype=torch.int64, device=x.device)
-        hidden = self.run_layers(x, modality, None, fused=False)
+        hidden = self.run_layers(x, modality, None, fused=False, attn_biases=self.attention_biases(0, x.shape[1]))
         return MoMEOutput(hidden, hidden[:, 0], None)
 
     def encode_text(self, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> MoMEOutput:
@@ -142,7 +182,8 @@ class MoMETransformer(nn.Module):
         [CLS]), text_padding_mask ``(B, L)`` bool True = pad -> text_cls = hidden[:, 0]. Bad ids raise ValueError."""
         x = self.embed_text(text_ids, text_padding_mask)
         modality = torch.full(x.shape[:2], LANGUAGE, dtype=torch.int64, device=x.device)
-        hidden = self.run_layers(x, modality, text_padding_mask, fused=False)
+        biases = self.attention_biases(x.shape[1], 0)
+        hidden = self.run_layers(x, modality, text_padding_mask, fused=False, attn_biases=biases)
         return MoMEOutput(hidden, None, hidden[:, 0])
 
     def encode_pair(
@@ -163,16 +204,17 @@ class MoMETransformer(nn.Module):
         padding = text_padding_mask
         image_ids = torch.full((batch, n_image), VISION, dtype=torch.int64, device=image.device)
         text_ids_modality = torch.full((batch, n_text), LANGUAGE, dtype=torch.int64, device=image.device)
+        biases = self.attention_biases(n_text, n_image)
         if self.config.layout == "vlmo":
             x = torch.cat([text, image], dim=1)
             modality = torch.cat([text_ids_modality, image_ids], dim=1)
             padding = None if padding is None else torch.cat([padding, image_pad], dim=1)
-            hidden = self.run_layers(x, modality, padding, fused=True)
+            hidden = self.run_layers(x, modality, padding, fused=True, attn_biases=biases)
             return MoMEOutput(hidden, hidden[:, n_text], hidden[:, 0])
         x = torch.cat([image, text], dim=1)
         modality = torch.cat([image_ids, text_ids_modality], dim=1)
         padding = None if padding is None else torch.cat([image_pad, padding], dim=1)
-        hidden = self.run_layers(x, modality, padding, fused=True)
+        hidden = self.run_layers(x, modality, padding, fused=True, attn_biases=biases)
         return MoMEOutput(hidden, hidden[:, 0], hidden[:, n_image])
 
     def fused_cls(self, output: MoMEOutput) -> Tensor:
@@ -227,6 +269,15 @@ def _check_text(text_ids: Tensor, text_padding_mask: Tensor | None, config: MoME
             raise ValueError(
                 f"text_padding_mask must be on the model's device {device}, got {text_padding_mask.device}"
             )
+
+
+def _relative_position(c: MoMEConfig) -> nn.Module | None:
+    if c.relative_position == "vlmo":
+        grid = c.image_size // c.patch_size
+        return RelativePositionBias(c.heads, grid, text_table_len=c.rel_pos_text_len or c.max_text_len, layers=c.depth)
+    if c.relative_position == "buckets":
+        return BucketedRelativePositionBias(c.heads, c.rel_pos_buckets, c.max_rel_pos)
+    return None
 
 
 def _init_weights(module: nn.Module) -> None:

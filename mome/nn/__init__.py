@@ -16,12 +16,16 @@ from mome.nn.multiway import (
     MultiwayLinear,
     modality_from_split,
 )
+from mome.nn.pooling import AttentionalPooler
+from mome.nn.relative_position import BucketedRelativePositionBias, RelativePositionBias
 from mome.nn.training import FeatureQueue, copy_params, momentum_update
 
 __all__ = [
     "LANGUAGE",
     "VISION",
     "VISION_LANGUAGE",
+    "AttentionalPooler",
+    "BucketedRelativePositionBias",
     "CaptionDecoder",
     "FeatureQueue",
     "ITCHead",
@@ -35,6 +39,7 @@ __all__ = [
     "MultiwayLayerNorm",
     "MultiwayLinear",
     "MultiwaySelfAttention",
+    "RelativePositionBias",
     "SharedSelfAttention",
     "attach_structure",
     "copy_params",

@@ -31,7 +31,8 @@ class MoMELayer(nn.Module):
 
     With ``vl_ffn=True`` the layer owns a third, vision-language expert for ``norm2`` and the FFN and
     sends every token there when ``fused=True`` (VLMo's top layers); otherwise tokens use the V / L
-    expert of their position.
+    expert of their position. ``attention_dropout`` drops attention probabilities in training; ``forward``'s
+    ``attn_bias`` (e.g. a relative position bias) is added to the attention scores.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class MoMELayer(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         activation: str = "gelu",
+        attention_dropout: float = 0.0,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -58,12 +60,12 @@ class MoMELayer(nn.Module):
         hidden = int(dim * mlp_ratio)
         if layout == "vlmo":
             self.norm1 = nn.LayerNorm(dim, eps=eps)
-            self.attn = SharedSelfAttention(dim, heads)
+            self.attn = SharedSelfAttention(dim, heads, dropout=attention_dropout)
             self.norm2 = MultiwayLayerNorm(dim, ffn_experts, eps)
             self.ffn = ModalityFFN(dim, hidden, ffn_experts, activation, subln=False, dropout=dropout)
         else:
             self.norm1 = MultiwayLayerNorm(dim, 2, eps)
-            self.attn = MultiwaySelfAttention(dim, heads, 2, subln=subln, eps=eps)
+            self.attn = MultiwaySelfAttention(dim, heads, 2, subln=subln, eps=eps, dropout=attention_dropout)
             self.norm2 = MultiwayLayerNorm(dim, ffn_experts, eps)
             self.ffn = ModalityFFN(dim, hidden, ffn_experts, activation, subln=subln, eps=eps, dropout=dropout)
         if layer_scale_init:
@@ -78,16 +80,18 @@ class MoMELayer(nn.Module):
         modality: Tensor | int,
         key_padding_mask: Tensor | None = None,
         fused: bool = False,
+        attn_bias: Tensor | None = None,
     ) -> Tensor:
         """x ``(B, N, D)``; modality ``(B, N)`` ids (0 vision, 1 language) or torchscale's split position;
-        key_padding_mask ``(B, N)`` bool, True = pad; fused: image-text input (VL expert in VL layers)."""
+        key_padding_mask ``(B, N)`` bool, True = pad; fused: image-text input (VL expert in VL layers);
+        attn_bias broadcastable as ``(B, H, N, N)``, added to the scaled attention scores."""
         if isinstance(modality, int):
             modality = modality_from_split(modality, x.shape[0], x.shape[1], x.device)
         ffn_ids = torch.full_like(modality, VISION_LANGUAGE) if (fused and self.vl_ffn) else modality
         if self.layout == "vlmo":
-            branch = self.attn(self.norm1(x), key_padding_mask)
+            branch = self.attn(self.norm1(x), key_padding_mask, attn_bias)
         else:
-            branch = self.attn(self.norm1(x, modality), modality, key_padding_mask)
+            branch = self.attn(self.norm1(x, modality), modality, key_padding_mask, attn_bias)
         x = x + self._residual(F.dropout(branch, self.dropout, self.training), self.gamma_1)
         branch = self.ffn(self.norm2(x, ffn_ids), ffn_ids)  # the FFN applies its own dropout
         return x + self._residual(branch, self.gamma_2)

@@ -6,7 +6,9 @@ structure to the tensor with :func:`attach_structure`; the attention that receiv
 carries no structure can be recognised from its values once (:func:`structure_of`: one host sync), and the answer is
 attached to it, so the other layers that receive the same tensor find it there.
 
-An attached structure is valid while the tensor is not modified in place (``Tensor._version`` is recorded).
+An attached structure is valid while the tensor is not modified in place (``Tensor._version`` is recorded). What
+:func:`attach_structure` records holds for every reader; what a recognition records holds for readers of the same
+convention only (a bool mask means "take part" to sdpa and "masked" to ``nn.MultiheadAttention``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 from torch import Tensor
 
 _ATTRIBUTE = "_mome_structure"
+SDPA = "sdpa"  # bool True = take part; float 0 = take part, -inf or finfo.min = masked (transformers' eager masks)
+MHA = "mha"  # torch.nn.MultiheadAttention's attn_mask: bool True = masked; float added (0 and -inf only are structure)
+_KEY_PADDING = "key_padding"  # a float key_padding_mask of nn.MultiheadAttention
 
 
 class MaskStructure(NamedTuple):
@@ -39,13 +44,17 @@ def attach_structure(mask: Tensor, structure: MaskStructure | None) -> Tensor:
         raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
     if structure is not None and not isinstance(structure, MaskStructure):
         raise TypeError(f"structure must be a MaskStructure or None, got {type(structure).__name__}")
-    setattr(mask, _ATTRIBUTE, (_version(mask), structure))
+    setattr(mask, _ATTRIBUTE, (_version(mask), structure, None))
     return mask
 
 
-def _recorded(mask: Tensor) -> tuple[bool, MaskStructure | None]:
+def _attach_recognised(mask: Tensor, structure: MaskStructure | None, convention: str) -> None:
+    setattr(mask, _ATTRIBUTE, (_version(mask), structure, convention))
+
+
+def _recorded(mask: Tensor, convention: str) -> tuple[bool, MaskStructure | None]:
     record = getattr(mask, _ATTRIBUTE, None)
-    if record is None or record[0] != _version(mask):
+    if record is None or record[0] != _version(mask) or record[2] not in (None, convention):
         return False, None
     return True, record[1]
 
@@ -70,18 +79,18 @@ def _is_reshape_view(mask: Tensor, base: Tensor) -> bool:
     )
 
 
-def attached_structure(mask: Tensor) -> tuple[bool, MaskStructure | None]:
+def attached_structure(mask: Tensor, convention: str = SDPA) -> tuple[bool, MaskStructure | None]:
     """(known, structure) for ``mask``: its attached structure, or that of the mask it is a view of, when the view
     is a reshape of the whole (``(B·H, L, S)`` as ``(B, H, L, S)``) or a leading ``[:L, :L]`` slice of a causal 2-D
     mask (the common ``self.mask[:L, :L]`` of a causal buffer). ``known`` is False when nothing is attached (or the
-    tensor changed since)."""
-    known, structure = _recorded(mask)
+    tensor changed since, or what is attached was recognised under another ``convention``: ``SDPA`` or ``MHA``)."""
+    known, structure = _recorded(mask, convention)
     if known:
         return True, structure
     base = mask._base
     if base is None:
         return False, None
-    known, structure = _recorded(base)
+    known, structure = _recorded(base, convention)
     if known and _is_reshape_view(mask, base):
         return True, structure
     plain_causal = structure is not None and structure.causal and structure.key_padding_mask is None
@@ -134,9 +143,54 @@ def recognise(mask: Tensor, nq: int, nk: int) -> MaskStructure | None:
 def structure_of(mask: Tensor, nq: int, nk: int) -> MaskStructure | None:
     """The attached structure of an sdpa-style ``mask``, else :func:`recognise` (one host sync), whose answer is then
     attached so the next layer given the same tensor reads it for free."""
-    known, structure = attached_structure(mask)
+    known, structure = attached_structure(mask, SDPA)
     if known:
         return structure
     structure = recognise(mask, nq, nk)
-    attach_structure(mask, structure)
+    _attach_recognised(mask, structure, SDPA)
     return structure
+
+
+def recognise_mha(mask: Tensor, batch: int, heads: int, nq: int, nk: int) -> MaskStructure | None:
+    """The structure of an ``nn.MultiheadAttention`` attn_mask, ``(L, S)`` or ``(B·H, L, S)`` (bool True = masked, or
+    float added to the scores, of which only 0 and -inf are structure), or None. One host sync."""
+    if mask.dim() == 2 and tuple(mask.shape) == (nq, nk):
+        mask = mask[None, None]
+    elif mask.dim() == 3 and tuple(mask.shape) == (batch * heads, nq, nk):
+        mask = mask.view(batch, heads, nq, nk)
+    else:
+        return None
+    if mask.dtype == torch.bool:
+        return recognise(~mask, nq, nk)
+    if not mask.is_floating_point():
+        return None
+    # finfo.min is a large bias here, not a mask (torch adds it): NaN makes recognise refuse what is not 0 / -inf
+    structural = (mask == 0) | torch.isneginf(mask)
+    return recognise(mask.masked_fill(~structural, float("nan")), nq, nk)
+
+
+def mha_structure_of(mask: Tensor, batch: int, heads: int, nq: int, nk: int) -> MaskStructure | None:
+    """:func:`structure_of` for an ``nn.MultiheadAttention`` attn_mask (:func:`recognise_mha` once per tensor). A
+    float mask that requires grad is a learned bias: None without reading it."""
+    known, structure = attached_structure(mask, MHA)
+    if known:
+        return structure
+    if mask.requires_grad:
+        return None
+    structure = recognise_mha(mask, batch, heads, nq, nk)
+    _attach_recognised(mask, structure, MHA)
+    return structure
+
+
+def key_padding_of(mask: Tensor) -> Tensor | None:
+    """A float ``nn.MultiheadAttention`` key_padding_mask as bool (True = ignore) when it holds only 0 and -inf, else
+    None (a bias, added to the scores). Read once per tensor (one host sync), then attached."""
+    known, structure = _recorded(mask, _KEY_PADDING)
+    if known:
+        return None if structure is None else structure.key_padding_mask
+    if mask.requires_grad:
+        return None
+    ignored = torch.isneginf(mask)
+    structure = MaskStructure(False, ignored) if bool(((mask == 0) | ignored).all()) else None
+    _attach_recognised(mask, structure, _KEY_PADDING)
+    return None if structure is None else structure.key_padding_mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mome.reference import dropout as attention_dropout
 from mome.reference._launch import ALL_FLOAT_DTYPES, compute_dtype, vjp
 
 
@@ -56,34 +57,44 @@ def attention_ref(
     modality: Tensor | None = None,
     modality_mask: Tensor | None = None,
     scale: float | None = None,
+    attn_bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Tensor | None = None,
 ) -> Tensor:
-    """softmax(q kᵀ · scale, masked) v for q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D)``.
+    """dropout(softmax(q kᵀ · scale + attn_bias, masked)) v for q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D)``.
 
-    Materialises the ``(B, H, Nq, Nk)`` scores: reads q, k, v once, but writes and
-    reads back ``B·H·Nq·Nk`` scores and probabilities — the traffic a fused kernel
-    removes. A query that sees no key gets an output of zeros.
+    Materialises the ``(B, H, Nq, Nk)`` scores: reads q, k, v once, but writes and reads back ``B·H·Nq·Nk``
+    scores and probabilities — the traffic a fused kernel removes. ``attn_bias`` ``(1|B, 1|H, Nq, Nk)`` in q's
+    dtype; a pair it gives ``-inf`` is hidden like a structurally masked one. A query that sees no key gets an
+    output of zeros. With ``dropout_p > 0`` the mask is :func:`mome.reference.dropout.attention_keep` of
+    ``dropout_seed``.
     """
+    masks = dict(causal=causal, key_padding_mask=key_padding_mask, prefix_len=prefix_len, modality=modality,
+                 modality_mask=modality_mask)  # fmt: skip
+    scores, visible = biased_scores(q, k, masks, scale, attn_bias)  # [B, H, Nq, Nk], -inf where hidden
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)  # fully-masked rows: 0, not NaN
+    if dropout_p > 0:
+        batch, heads, nq, nk = scores.shape
+        keep = attention_dropout.attention_keep(dropout_seed, batch, heads, nq, nk, dropout_p)
+        probs = torch.where(keep, probs * attention_dropout.keep_scale(dropout_p), 0.0)
+    group = q.shape[1] // k.shape[1]
+    return weighted_values(probs, v.repeat_interleave(group, dim=1), visible)
+
+
+def biased_scores(q: Tensor, k: Tensor, masks: dict, scale: float | None, attn_bias: Tensor | None):
+    """``(scores, visible)``: ``q kᵀ · scale + attn_bias`` ``(B, H, Nq, Nk)``, -inf where hidden, and the
+    ``(B, 1|H, Nq, Nk)`` visibility (structure, and a bias that is not -inf)."""
     batch, heads, nq, head_dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
-    group = heads // kv_heads
-    k = k.repeat_interleave(group, dim=1)  # [B, H, Nk, D]
-    v = v.repeat_interleave(group, dim=1)
-    visible = attention_visibility(
-        batch,
-        nq,
-        nk,
-        causal=causal,
-        key_padding_mask=key_padding_mask,
-        prefix_len=prefix_len,
-        modality=modality,
-        modality_mask=modality_mask,
-        device=q.device,
-    )[:, None]  # [B, 1, Nq, Nk]
-    scores = visible_scores(q, k, visible, scale)  # [B, H, Nq, Nk], -inf where hidden
-    probs = torch.softmax(scores, dim=-1)
-    probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)  # fully-masked rows: 0, not NaN
-    return weighted_values(probs, v, visible)
+    visible = attention_visibility(batch, nq, nk, device=q.device, **masks)[:, None]  # [B, 1, Nq, Nk]
+    if attn_bias is not None:
+        visible = visible & ~torch.isneginf(attn_bias)
+    scores = visible_scores(q, k.repeat_interleave(heads // kv_heads, dim=1), visible, scale)
+    if attn_bias is not None:  # where, not +: an +inf bias on a hidden pair must not make it NaN
+        scores = torch.where(visible, scores + attn_bias, float("-inf"))
+    return scores, visible
 
 
 # Hidden keys never contribute, whatever they hold: a NaN or Inf in the q, k or v of a hidden (query, key) pair
@@ -128,20 +139,27 @@ def weighted_values(probs: Tensor, v: Tensor, visible: Tensor) -> Tensor:
 LIMITS = {"dtypes": ALL_FLOAT_DTYPES}
 
 
-def attention_fwd(q, k, v, masks, scale):
+def attention_fwd(q, k, v, masks, scale, bias, dropout):
     dtype = compute_dtype(q)
-    q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
-    mask_args = masks._asdict()
-    out = attention_ref(q32, k32, v32, scale=scale, **mask_args)
-    group = q.shape[1] // k.shape[1]
-    visible = attention_visibility(q.shape[0], q.shape[2], k.shape[2], device=q.device, **mask_args)[:, None]
-    scores = visible_scores(q32, k32.repeat_interleave(group, dim=1), visible, scale)
+    q32, k32, v32, bias32 = (None if t is None else t.to(dtype) for t in (q, k, v, bias))
+    out = attention_ref(q32, k32, v32, scale=scale, **_extras(bias32, dropout), **masks._asdict())
+    scores, _visible = biased_scores(q32, k32, masks._asdict(), scale, bias32)
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Nq], -inf: no key
     return out.to(q.dtype), lse.float()
 
 
-def attention_bwd(dout, q, k, v, out, lse, masks, scale):
-    def forward(q_, k_, v_):
-        return attention_ref(q_, k_, v_, scale=scale, **masks._asdict())
+def _extras(bias: Tensor | None, dropout) -> dict:
+    if dropout is None:
+        return dict(attn_bias=bias)
+    return dict(attn_bias=bias, dropout_p=dropout.p, dropout_seed=dropout.seed)
 
-    return tuple(vjp(forward, [q, k, v], [dout]))
+
+def attention_bwd(dout, q, k, v, out, lse, masks, scale, bias, dropout, bias_grad):
+    def forward(q_, k_, v_, bias_=None):
+        return attention_ref(q_, k_, v_, scale=scale, **_extras(bias_ if bias_grad else fixed_bias, dropout),
+                             **masks._asdict())  # fmt: skip
+
+    fixed_bias = None if bias is None else bias.to(compute_dtype(q))
+    inputs = [q, k, v, bias] if bias_grad else [q, k, v]
+    grads = vjp(forward, inputs, [dout])
+    return (*grads[:3], grads[3] if bias_grad else None)

@@ -62,7 +62,7 @@ class CocaSteps:
 
     ``image_embs``: ``(B, M, W)`` image tokens from ``model._encode_image``; ``capacity``: the most text tokens the
     caches hold. Call :meth:`feed` with the whole text so far; :meth:`reset` before a text that is not the previous
-    one plus new tokens at the end.
+    one plus new tokens at the end; :meth:`reorder` when the rows change places (beam search).
     """
 
     def __init__(self, model: nn.Module, image_embs: Tensor, capacity: int, tally: Tally):
@@ -83,6 +83,14 @@ class CocaSteps:
     def reset(self) -> None:
         self.seen = 0  # text positions fed so far
         self.text_lens = self.image_lens.new_zeros(self.image_lens.shape)  # keys cached per sequence
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row ``r`` of the text caches becomes row ``rows[r]``, as beam search reorders its beams: the text so far
+        of sequence ``r`` is then that of ``rows[r]``. The image keys and values stay: each row keeps its image."""
+        for cache in (*self.text_caches, *self.decoder_caches):
+            cache.k = cache.k.index_select(0, rows)
+            cache.v = cache.v.index_select(0, rows)
+        self.text_lens = self.text_lens.index_select(0, rows)
 
     def feed(self, ids: Tensor) -> Tensor:
         """``ids`` ``(B, L)``: the text so far, ``L > seen``. Returns the logits ``(B, V)`` of its last position."""

@@ -5,14 +5,20 @@ feeds one. Same arguments, defaults and token ids as open_clip's for ``generatio
 greedy) and ``"top_p"``: the same logits processors (transformers' min-length, repetition penalty, top-k / top-p),
 temperature, forced end-of-text at ``seq_len``, padding of finished rows, the window of the last ``max_seq_len``
 tokens, ``stopping_criteria`` and ``fixed_output_length``; sampling draws from the global RNG in the same order.
-``"beam_search"`` and models outside what the cache reproduces run open_clip's own ``generate``, the reason logged.
+``"beam_search"`` (see ``_beam.py``) gives the same ids as open_clip's beam search: the same transformers
+``BeamSearchScorer``, beam groups, processors, length handling and padding, each beam feeding one token per step.
+Models outside what the cache reproduces, and beam search on a model in training mode, run open_clip's own
+``generate``, the reason logged.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor, nn
 
+from mome.integrations.open_clip._beam import cached_beam_search
 from mome.integrations.open_clip._common import TALLY, causal_buffer
 from mome.integrations.open_clip._decoding import CocaSteps
 
@@ -47,7 +53,9 @@ def generate(model: nn.Module, image: Tensor, text: Tensor | None = None, *args,
 
     ``text``: an optional prompt ``(B, L)`` or ``(L,)`` of ids (default: the start-of-text id alone). The other
     arguments are open_clip's, positionally or by name (see ``OPTIONS``). ``generation_type="beam_search"`` (the
-    default, as in open_clip) and models the cache does not reproduce (see :func:`unsupported_reason`) run
+    default, as in open_clip) ignores ``text``, ``max_seq_len``, ``temperature``, ``top_k`` and ``top_p``, as
+    open_clip's does, and needs transformers' ``BeamSearchScorer`` (transformers < 5), as open_clip's does. Models
+    the cache does not reproduce (see :func:`unsupported_reason`), and beam search on a model in training mode, run
     ``model``'s own ``generate``, the reason counted in ``TALLY.fallbacks`` and logged once.
     """
     given = _given_options(args, options)
@@ -59,12 +67,15 @@ def generate(model: nn.Module, image: Tensor, text: Tensor | None = None, *args,
     if not options["seq_len"] > options["min_seq_len"]:
         raise ValueError(f"seq_len ({options['seq_len']}) must be larger than min_seq_len ({options['min_seq_len']})")
     reason = unsupported_reason(model)
-    if reason is None and options["generation_type"] == "beam_search":
-        reason = "beam_search runs open_clip's own generate (the whole prefix through the model for each token)"
+    beam_search = options["generation_type"] == "beam_search"
+    if reason is None and beam_search and model.training:
+        reason = "beam_search on a model in training mode: open_clip's beam search stays in it (dropout live)"
     if reason is not None:
         TALLY.fell_back(reason)
         return _library_generate(model)(model, image, text, **given)
     with torch.no_grad():
+        if beam_search:
+            return _cached_beam_search(model, image, options)
         return _cached_generate(model, image, text, options)
 
 
@@ -138,9 +149,10 @@ def _processors(options: dict, eos: int, device: torch.device):
             transformers.RepetitionPenaltyLogitsProcessor(options["repetition_penalty"]),
         ]
     )
+    warper = None  # beam search has none
     if options["generation_type"] == "top_p":
         warper = transformers.TopPLogitsWarper(options["top_p"])
-    else:
+    elif options["generation_type"] == "top_k":
         warper = transformers.TopKLogitsWarper(options["top_k"])
     criteria = options["stopping_criteria"]
     if criteria is None:
@@ -153,6 +165,30 @@ def _capacity(model: nn.Module, max_seq_len: int) -> int:
     text = model.text
     positions = text.positional_embedding.shape[0] - (text.cls_emb is not None)
     return max(1, min(max_seq_len, positions, model.text_decoder.attn_mask.shape[0]))
+
+
+def _cached_beam_search(model: nn.Module, image: Tensor, options: dict) -> Tensor:
+    eos = _token_id("eos_token_id", options["eos_token_id"], EOS_TOKEN_ID)
+    pad = _token_id("pad_token_id", options["pad_token_id"], model.pad_id)
+    processors, _, stopping = _processors(options, eos, image.device)
+    out = cached_beam_search(
+        model,
+        image,
+        processors,
+        stopping,
+        sot=_token_id("sot_token_id", options["sot_token_id"], SOT_TOKEN_ID),
+        eos=eos,
+        pad=pad,
+        num_beams=options["num_beams"],
+        num_beam_groups=options["num_beam_groups"],
+        # no window: the caption grows to seq_len, or as far as the caller's stopping criteria let it
+        capacity=_capacity(model, options["seq_len"] if options["stopping_criteria"] is None else sys.maxsize),
+        tally=TALLY,
+    )
+    missing = options["seq_len"] - out.shape[1]
+    if options["fixed_output_length"] and missing > 0:
+        out = torch.cat([out, out.new_full((out.shape[0], missing), pad)], dim=1)
+    return out
 
 
 def _cached_generate(model: nn.Module, image: Tensor, text: Tensor | None, options: dict) -> Tensor:

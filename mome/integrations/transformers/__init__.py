@@ -23,10 +23,11 @@ NAME = "mome"
 def register(name: str = NAME) -> str:
     """Register mome's attention and mask functions under ``name`` (default ``"mome"``); returns the name.
 
-    Masks that are causal and/or key padding reach ``mome.ops.attention`` as structure. Falls back, with the reason
-    logged once: to the modeling file's eager attention when attention weights are requested (or for softcap and
-    attention sinks); to sdpa for attention dropout while training, a position bias, and masks that are neither
-    causal nor padding (sliding windows, packed sequences, custom float biases)."""
+    Masks that are causal and/or key padding reach ``mome.ops.attention`` as structure; other masks (sliding windows,
+    packed sequences, custom float biases) and a ``position_bias`` (T5) as its ``attn_bias``; attention dropout while
+    training as its ``dropout_p``. Falls back, with the reason logged once: to the modeling file's eager attention
+    when attention weights are requested (or for softcap and attention sinks); to sdpa for what does not map (the
+    reason says what)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     AttentionInterface.register(name, mome_attention_forward)

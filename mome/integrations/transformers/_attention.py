@@ -38,12 +38,10 @@ def _weights_requested(kwargs: dict) -> bool:
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
 
 
-def _reason_to_fall_back(dropout: float, attention_mask, kwargs: dict) -> str | None:
+def _reason_to_fall_back(attention_mask, kwargs: dict) -> str | None:
     if _weights_requested(kwargs):
         return "output_attentions (only eager returns attention weights)"
-    if dropout > 0:
-        return "attention dropout while training (dropout > 0)"
-    for name, what in (("softcap", "logit soft-capping"), ("s_aux", "attention sinks"), ("position_bias", "a bias")):
+    for name, what in (("softcap", "logit soft-capping"), ("s_aux", "attention sinks")):
         if kwargs.get(name) is not None:
             return f"{name} ({what})"
     if attention_mask is not None and not isinstance(attention_mask, Tensor):
@@ -62,14 +60,17 @@ def _broadcast_batch(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor,
     return query, key, value
 
 
-def _fused(module, query, key, value, attention_mask, scaling, is_causal) -> Tensor | str:
+def _fused(module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias) -> Tensor | str:
     query, key, value = _broadcast_batch(query, key, value)
+    common = dict(dropout_p=dropout, scale=scaling, enable_gqa=True)
     if attention_mask is not None:  # the mask holds causality when there is one, as for sdpa
-        return attention_like_sdpa(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+        return attention_like_sdpa(query, key, value, attn_mask=attention_mask, position_bias=position_bias, **common)
     causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and query.shape[2] > 1
     if causal and key.shape[2] > query.shape[2]:  # sdpa's top-left causal (an empty static cache's prefill)
         key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
-    return attention_like_sdpa(query, key, value, is_causal=causal, scale=scaling, enable_gqa=True)
+        if position_bias is not None:
+            position_bias = position_bias[..., : query.shape[2]]
+    return attention_like_sdpa(query, key, value, is_causal=causal, position_bias=position_bias, **common)
 
 
 def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
@@ -100,11 +101,14 @@ def mome_attention_forward(
 ) -> tuple[Tensor, None]:
     """An ``AttentionInterface`` function: q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D)`` -> ``((B, Nq, H, D), None)``.
 
-    Runs ``mome.ops.attention`` with the mask as structure; falls back (reason tallied and logged once) to the
-    modeling file's eager function when weights are requested or for softcap / sinks, and to sdpa otherwise."""
-    reason = _reason_to_fall_back(dropout, attention_mask, kwargs)
+    Runs ``mome.ops.attention`` with the mask as structure (or as a bias when it is neither causal nor padding), a
+    ``position_bias`` (T5) as a bias, and the module's attention dropout; falls back (reason tallied and logged once)
+    to the modeling file's eager function when weights are requested or for softcap / sinks, and to sdpa otherwise."""
+    reason = _reason_to_fall_back(attention_mask, kwargs)
     if reason is None:
-        out = _fused(module, query, key, value, attention_mask, scaling, is_causal)
+        out = _fused(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs.get("position_bias")
+        )
         if not isinstance(out, str):
             TALLY.ran()
             return out.transpose(1, 2).contiguous(), None

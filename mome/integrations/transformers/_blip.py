@@ -13,6 +13,7 @@ import functools
 import inspect
 import math
 
+import torch
 from torch import Tensor, nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
@@ -28,22 +29,24 @@ _TEXT_SIGNATURE = inspect.signature(BlipTextModel.forward)
 _STRUCTURES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mome_blip_structures", default=None)
 
 
-def _fallback_reason(module: nn.Module, dropout: float) -> str | None:
+def _fallback_reason() -> str | None:
     if _weights_requested({}):
         return "output_attentions (BLIP's own attention returns the weights)"
-    if module.training and dropout > 0:
-        return "attention dropout while training"
     return None
 
 
+def _dropout_p(module: nn.Module) -> float:
+    return module.dropout.p if module.training else 0.0  # BLIP's nn.Dropout on the attention probabilities
+
+
 def _vision_forward(self: BlipAttention, hidden_states: Tensor, **kwargs):
-    reason = _fallback_reason(self, self.dropout.p)
+    reason = _fallback_reason()
     if reason is not None:
         TALLY.fell_back(reason)
         return _ORIGINAL[BlipAttention](self, hidden_states, **kwargs)
     batch, tokens, dim = hidden_states.shape
     qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    out = ops.attention(*qkv.unbind(0), scale=self.scale)  # [B, H, N, Dh]
+    out = ops.attention(*qkv.unbind(0), scale=self.scale, dropout_p=_dropout_p(self))  # [B, H, N, Dh]
     TALLY.ran()
     return self.projection(out.transpose(1, 2).reshape(batch, tokens, dim)), None
 
@@ -80,6 +83,16 @@ def _mask_structure(mask: Tensor | None, cross: bool, batch: int, nq: int) -> Ma
     return structure_of(mask, nq, nk)  # not called through BlipTextModel: read the dense mask (once per tensor)
 
 
+def _as_bias(mask: Tensor, dtype: torch.dtype, batch: int, heads: int, nq: int) -> Tensor | None:
+    """BLIP's additive mask (added to the scores, as the op adds attn_bias) as ``(1|B, 1|H, Nq, Nk)``, or None."""
+    if mask.dtype not in (dtype, torch.float32) or not 2 <= mask.dim() <= 4 or mask.shape[-2] not in (1, nq):
+        return None
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads):
+        return None
+    return mask.expand(mask.shape[0], mask.shape[1], nq, mask.shape[-1])
+
+
 def _keys_values(self: BlipTextSelfAttention, current_states: Tensor, cross: bool, cache, kwargs):
     """BLIP's own key/value path: project, or reuse a filled cross-attention cache, or append to the cache."""
     layer_cache, reuse = cache, False
@@ -110,10 +123,14 @@ def _text_forward(
     cross = encoder_hidden_states is not None
     mask = encoder_attention_mask if cross else attention_mask
     batch, nq = hidden_states.shape[:2]
-    reason = _fallback_reason(self, self.dropout.p)
+    reason = _fallback_reason()
     structure = _mask_structure(mask, cross, batch, nq) if reason is None else None
+    bias = None
     if reason is None and structure is None:
-        reason = "a mask that is neither causal nor key padding"
+        bias = _as_bias(mask, hidden_states.dtype, batch, self.num_attention_heads, nq)
+        structure = MaskStructure()
+        if bias is None:
+            reason = f"a mask of shape {tuple(mask.shape)} and dtype {mask.dtype} (neither structure nor a bias)"
     if reason is not None:  # decided before the cache is touched: the original updates it itself
         TALLY.fell_back(reason)
         return _ORIGINAL[BlipTextSelfAttention](
@@ -123,7 +140,16 @@ def _text_forward(
     key, value = _keys_values(self, encoder_hidden_states if cross else hidden_states, cross, cache, kwargs)
     padding = structure.key_padding_mask
     scale = 1.0 / math.sqrt(self.attention_head_size)
-    out = ops.attention(query, key, value, causal=structure.causal, key_padding_mask=padding, scale=scale)
+    out = ops.attention(
+        query,
+        key,
+        value,
+        causal=structure.causal,
+        key_padding_mask=padding,
+        attn_bias=bias,
+        dropout_p=_dropout_p(self),
+        scale=scale,
+    )
     TALLY.ran()
     return out.transpose(1, 2).reshape(batch, nq, self.all_head_size), None
 
@@ -143,8 +169,9 @@ def apply_mome_to_blip(model: nn.Module | None = None, *, attention: bool = True
     """Run BLIP's attentions on mome: in ``model`` (its modules' classes swapped, weights and state_dict unchanged),
     or, with ``model=None``, in every BLIP model (transformers' BLIP classes patched). Returns ``model``.
 
-    Falls back to BLIP's own code (reason tallied in ``TALLY`` and logged once) when attention weights are requested
-    and for attention dropout while training."""
+    Attention dropout while training runs fused; a text mask that is not structure runs as the op's ``attn_bias``.
+    Falls back to BLIP's own code (reason tallied in ``TALLY`` and logged once) when attention weights are
+    requested."""
     if not attention:
         return model
     if model is None:
