@@ -8,14 +8,17 @@ picks, and the reference), the modules on native.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 from mome import settings
 from mome.models import MoMETransformer
 from mome.models.config import vlmo_tiny
-from mome.nn import CaptionDecoder, MoMELayer
+from mome.nn import CaptionDecoder, ITCLoss, MoMELayer
 from mome.ops import attention, decode_attention, itc_loss, modality_ffn, modality_layer_norm, modality_linear
 from tests.helpers import assert_close
 
@@ -43,7 +46,10 @@ def _leaves(*shapes, seed=0):
 
 def _check_step(fn, make_inputs, sizes):
     """Compile ``fn`` once (dynamic shapes) and compare loss and every gradient with eager at each size."""
-    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    _check_step_with(fn, torch.compile(fn, fullgraph=True, dynamic=True), make_inputs, sizes)
+
+
+def _check_step_with(fn, compiled, make_inputs, sizes):
     for size in sizes:
         eager_inputs, compiled_inputs = make_inputs(size), make_inputs(size)
         expected, got = fn(*eager_inputs), compiled(*compiled_inputs)
@@ -69,6 +75,54 @@ def test_attention_with_every_mask_and_gqa(cpu_backend):
         return q, k, v, padding, modality
 
     _check_step(step, inputs, (9, 13))
+
+
+@torch._inductor.config.patch(fallback_random=True)  # eager's generator draws the dropout seed
+def test_attention_with_a_learned_bias_and_dropout():
+    """On ``auto``: native declines dropout and a bias that needs a gradient, so the reference runs."""
+
+    def step(q, k, v, bias):
+        out = attention(q, k, v, causal=True, attn_bias=bias, dropout_p=0.2)
+        return out.square().mean()
+
+    def seeded(fn):
+        def run(*inputs):
+            torch.manual_seed(7)  # the same dropout seed for the eager and the compiled step
+            return fn(*inputs)
+
+        return run
+
+    compiled = seeded(torch.compile(step, fullgraph=True, dynamic=True))
+    _check_step_with(seeded(step), compiled, lambda n: _leaves((2, 4, n, 16), (2, 2, n, 16), (2, 2, n, 16),
+                                                            (1, 4, n, n), seed=n), (9, 13))  # fmt: skip
+
+
+def test_itc_loss_with_a_queue_refilled_inside_the_step():
+    """The backward must read the queue as the loss saw it, not after the step's enqueue overwrote its rows (a
+    clone of a buffer is cheap to recompute, so the partitioner would save the buffer and clone it too late)."""
+
+    class TwoTowers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image, self.text = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+            self.itc = ITCLoss(queue_size=8, embed_dim=4)
+
+        def forward(self, x, y):
+            return self.itc(F.normalize(self.image(x), dim=-1), F.normalize(self.text(y), dim=-1)).loss
+
+    torch.manual_seed(0)
+    eager = TwoTowers()
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    for step in range(3):  # the queue changes between steps too
+        x, y = torch.randn(3, 6), torch.randn(3, 6)
+        expected, got = eager(x, y), compiled(x, y)
+        assert_close(got.detach(), expected.detach(), 1e-6, f"loss at step {step}")
+        wanted = torch.autograd.grad(expected, list(eager.parameters()))
+        grads = torch.autograd.grad(got, list(compiled_module.parameters()))
+        for index, (a, b) in enumerate(zip(grads, wanted, strict=True)):
+            assert_close(a, b, 1e-5, f"grad {index} at step {step}")
+    assert torch.equal(eager.itc.queue.image_queue, compiled_module.itc.queue.image_queue)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])

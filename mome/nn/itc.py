@@ -147,11 +147,8 @@ class ITCLoss(nn.Module):
         if self.queue is None:
             return {}
         # copies: the backward reads the queue after the enqueue has overwritten rows of it
-        return dict(
-            image_queue=self.queue.image_queue.to(dtype, copy=True),
-            text_queue=self.queue.text_queue.to(dtype, copy=True),
-            queue_ids=None if positive_ids is None else self.queue.ids.clone(),
-        )
+        image_queue, text_queue, ids = self.queue.snapshot(dtype)
+        return dict(image_queue=image_queue, text_queue=text_queue, queue_ids=None if positive_ids is None else ids)
 
     def _refill(self, image_feats: Tensor, text_feats: Tensor, positive_ids: Tensor | None) -> None:
         if self.queue is not None and self.training:

@@ -7,6 +7,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@torch.library.custom_op("mome::snapshot", mutates_args=())
+def snapshot(t: Tensor) -> Tensor:
+    """A copy of ``t`` that a compiled graph keeps as a copy.
+
+    A plain ``clone`` of a buffer is cheap to recompute, so inductor's partitioner saves the buffer itself for the
+    backward and clones it again there, after the step's in-place update (the queue's enqueue) has overwritten it:
+    the gradients then read the new rows. An opaque op is never recomputed.
+    """
+    return t.clone()
+
+
+@snapshot.register_fake
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
 def _paired_parameters(model_m: nn.Module, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     params_m, params = list(model_m.parameters()), list(model.parameters())
     if len(params_m) != len(params):
@@ -73,6 +89,11 @@ class FeatureQueue(nn.Module):
         self.text_queue[rows] = text_feats.detach().to(self.text_queue.dtype)
         self.ids[rows] = -1 if ids is None else ids.to(self.ids)
         self.ptr.copy_((self.ptr + batch) % self.size)
+
+    def snapshot(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of ``(image_queue, text_queue, ids)`` (the queues in ``dtype``) for a loss whose backward runs
+        after :meth:`enqueue` has overwritten rows (see :func:`snapshot`)."""
+        return snapshot(self.image_queue.to(dtype)), snapshot(self.text_queue.to(dtype)), snapshot(self.ids)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, size={self.size}"
