@@ -264,12 +264,12 @@ def _mask_arguments(q: Tensor, masks) -> tuple[tuple[Tensor, ...], dict]:
 
 def dropout_threshold(p: float) -> int:
     """The smallest kept 16-bit half of a Philox word for dropout probability ``p``
-    (``mome.reference.dropout.threshold``, which the tests hold this to)."""
+    (``threshold`` of mome/reference/dropout.py, which the tests hold this to)."""
     return min(round(p * 2**16), 2**16 - 1)
 
 
 def dropout_keep_scale(p: float) -> float:
-    """One over the probability of keeping a pair (``mome.reference.dropout.keep_scale``)."""
+    """One over the probability of keeping a pair (``keep_scale`` of mome/reference/dropout.py)."""
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - dropout_threshold(p) / 2**16)
 
 

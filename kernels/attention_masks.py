@@ -121,7 +121,7 @@ def load_bias_log2(Bias, base, rows, cols, nq, nk, row_stride):
 @triton.jit
 def dropout_keep(seed, bh, rows, start_n, threshold, BLOCK_N: tl.constexpr):
     """``[len(rows), BLOCK_N]`` bool: does dropout keep the pair (query ``rows[i]``, key ``start_n + j``) of head
-    row ``bh``? The mask of ``mome.reference.dropout``: one Philox4x32-10 call on the counter
+    row ``bh``? The mask of mome/reference/dropout.py: one Philox4x32-10 call on the counter
     ``(key // 8, query, bh, 0)`` serves eight neighbouring keys, key ``j`` reading the 16-bit half ``j % 2`` of word
     ``(j % 8) // 2`` (``start_n`` is a multiple of 8); kept when that half is at least ``threshold``."""
     groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8]

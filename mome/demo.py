@@ -6,14 +6,14 @@ and half random other scenes, and masked language modelling (MLM) on fused image
 freezes the encoder and trains a caption decoder on its image tokens. Then it reports retrieval and
 balanced ITM accuracy (against random and against the hardest non-matches) on held-out pairs next to
 chance, caption exact-match and word accuracy with a few generated captions, and writes a JSON of the
-metrics and a PNG plot.
+metrics and a PNG plot. ``--model albef|vlmo|blip|coca|beit3`` trains one of the five systems' recipes instead
+(``mome.demo_models``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome.demo_metrics import caption_scores, itm_scores, other_scene, recall_at
+from mome.demo_models import RECIPES, recipe_options, run_recipe
+from mome.demo_training import Progress, adamw_warmup_cosine, on_device, pick_device
+from mome.distributed import Ranks
 from mome.models import MoMETransformer, vlmo_tiny
 from mome.nn import ITCHead, ITMHead, MLMHead, itm_inputs, mask_tokens
 from mome.nn.decoder import CaptionDecoder
@@ -70,28 +73,6 @@ class History:
     caption: list[float] = field(default_factory=list)
 
 
-class Progress:
-    """A dependency-free progress line: redrawn in place on a terminal, every 10% otherwise."""
-
-    def __init__(self, total: int, label: str, quiet: bool = False, stream=None) -> None:
-        self.total, self.label, self.quiet = total, label, quiet
-        self.stream = sys.stderr if stream is None else stream
-        self.start = time.perf_counter()
-        self.inline = getattr(self.stream, "isatty", lambda: False)()
-
-    def update(self, done: int, note: str = "") -> None:
-        if self.quiet or not (self.inline or done == self.total or done % max(self.total // 10, 1) == 0):
-            return
-        elapsed = time.perf_counter() - self.start
-        filled = int(24 * done / max(self.total, 1))
-        line = (
-            f"{self.label} [{'#' * filled}{'.' * (24 - filled)}] {done}/{self.total} {note} {done / elapsed:.1f} it/s"
-        )
-        print(("\r" + line) if self.inline else line, end="" if self.inline else "\n", file=self.stream, flush=True)
-        if self.inline and done == self.total:
-            print(file=self.stream, flush=True)
-
-
 class Pretrainer(nn.Module):
     """The encoder and its three stage-1 heads."""
 
@@ -107,6 +88,10 @@ class Pretrainer(nn.Module):
             max_text_len=max_len,
             image_size=options.image_size,
             patch_size=options.patch_size,
+            # absolute positions, not VLMo's relative bias: on CPU a bias that needs a gradient runs on the
+            # reference backend (torch's CPU kernel gives it none), slower than the native one the demo runs on
+            relative_position=None,
+            absolute_position=True,
         )
         self.encoder = MoMETransformer(config)
         self.itc = ITCHead(options.dim, options.dim, init_temperature=0.1)
@@ -201,36 +186,12 @@ class Pretrainer(nn.Module):
         return {"itc": itc.loss, "itm": itm, "mlm": mlm}
 
 
-def _on(batch: CaptionBatch, device: torch.device) -> CaptionBatch:
-    return CaptionBatch(
-        batch.images.to(device),
-        batch.text_ids.to(device),
-        batch.padding_mask.to(device),
-        batch.caption_ids.to(device),
-        batch.captions,
-        batch.equivalent_captions,
-        batch.canonical_text_ids.to(device),
-    )
-
-
-def _optimizer(params, options: DemoOptions, steps: int):
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.01)
-    warmup = max(steps // 10, 1)
-
-    def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
 def train_encoder(model, data, options, steps, device, history, generator) -> None:
-    optimizer, scheduler = _optimizer(model.parameters(), options, steps)
+    optimizer, scheduler = adamw_warmup_cosine(model.parameters(), options.lr, steps)
     progress = Progress(steps, "stage 1/2 ITC+ITM+MLM", options.quiet)
     model.train()
     for step in range(steps):
-        losses = model.losses(_on(data.train_batch(options.batch_size), device), data, options, generator)
+        losses = model.losses(on_device(data.train_batch(options.batch_size), device), data, options, generator)
         loss = losses["itc"] + options.itm_weight * losses["itm"] + losses["mlm"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,12 +206,12 @@ def train_decoder(model, decoder, data, options, steps, device, history) -> None
     params = [{"params": decoder.parameters()}]
     if options.caption_encoder_lr > 0:  # the image expert keeps learning, slower, from the caption loss (BLIP)
         params.append({"params": model.encoder.parameters(), "lr": options.lr * options.caption_encoder_lr})
-    optimizer, scheduler = _optimizer(params, options, steps)
+    optimizer, scheduler = adamw_warmup_cosine(params, options.lr, steps)
     progress = Progress(steps, "stage 2/2 captioning  ", options.quiet)
     model.train(options.caption_encoder_lr > 0)
     decoder.train()
     for step in range(steps):
-        batch = _on(data.train_batch(options.batch_size), device)
+        batch = on_device(data.train_batch(options.batch_size), device)
         with torch.set_grad_enabled(options.caption_encoder_lr > 0):
             image_tokens = model.encoder.encode_image(batch.images).hidden
         # one caption per picture: with both a caption and its mirror as targets, greedy decoding mixes the two
@@ -267,7 +228,7 @@ def train_decoder(model, decoder, data, options, steps, device, history) -> None
 def evaluate(model, decoder, held_out: CaptionBatch, data, options, device) -> dict:
     model.eval()
     decoder.eval()
-    batch = _on(held_out, device)
+    batch = on_device(held_out, device)
     image_embed, text_embed = model.itc(
         model.pooled(model.encoder.encode_image(batch.images), None, "image"),
         model.pooled(model.encoder.encode_text(batch.text_ids, batch.padding_mask), batch.padding_mask, "text"),
@@ -295,18 +256,6 @@ def evaluate(model, decoder, held_out: CaptionBatch, data, options, device) -> d
             for truth, caption, truths in zip(held_out.captions, generated, held_out.equivalent_captions, strict=True)
         ][:6],
     }
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N, got {name!r} ({error})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__})")
-    return device
 
 
 def write_plot(history: History, metrics: dict, path: Path) -> str | None:
@@ -346,12 +295,21 @@ def write_plot(history: History, metrics: dict, path: Path) -> str | None:
     return None
 
 
-def run_demo(options: DemoOptions) -> dict:
-    """Train both stages, evaluate, write ``metrics.json`` and ``demo.png`` under ``options.out``."""
+def run_demo(options: DemoOptions, ranks: Ranks | None = None) -> dict | None:
+    """Train both stages, evaluate, write ``metrics.json`` and ``demo.png`` under ``options.out``.
+
+    With ``ranks`` (this process's place in a torchrun group, :func:`mome.distributed.init_from_torchrun`) each
+    rank trains on its share of every batch under DDP (``mome.demo_distributed``); rank 0 alone evaluates,
+    writes the files and returns the metrics, the other ranks return None.
+    """
     if options.steps < 2:
         raise ValueError(f"steps must be at least 2 (one per stage), got {options.steps}")
     start = time.perf_counter()
-    device = _pick_device(options.device)
+    if ranks is not None:
+        from mome import demo_distributed
+
+        demo_distributed.check_options(options, ranks)
+    device = pick_device(options.device) if ranks is None else ranks.device
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
     data = ShapesCaptions(options.seed, options.image_size, jitter=options.jitter)
@@ -369,8 +327,14 @@ def run_demo(options: DemoOptions) -> dict:
     ).to(device)
     encoder_steps = min(max(round(options.steps * options.encoder_fraction), 1), options.steps - 1)
     history = History()
-    train_encoder(model, data, options, encoder_steps, device, history, generator)
-    train_decoder(model, decoder, data, options, options.steps - encoder_steps, device, history)
+    if ranks is None:
+        train_encoder(model, data, options, encoder_steps, device, history, generator)
+        train_decoder(model, decoder, data, options, options.steps - encoder_steps, device, history)
+    else:
+        demo_distributed.train_encoder(model, data, options, encoder_steps, ranks, history, generator)
+        demo_distributed.train_decoder(model, decoder, data, options, options.steps - encoder_steps, ranks, history)
+        if not ranks.is_main:
+            return None
     metrics = evaluate(model, decoder, data.held_out(options.eval_size), data, options, device)
     metrics.update(
         seconds=time.perf_counter() - start,
@@ -378,6 +342,8 @@ def run_demo(options: DemoOptions) -> dict:
         options=asdict(options),
         history=asdict(history),
     )
+    if ranks is not None:
+        metrics["distributed"] = {"world_size": ranks.world_size, "wrapper": "DistributedDataParallel"}
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -427,13 +393,29 @@ def print_report(metrics: dict, out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> DemoOptions:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None) -> tuple[DemoOptions, bool, tuple[str, object] | None]:
+    """The options, whether ``--distributed`` was given, and ``(model, its recipe's options)`` for ``--model``
+    (None: the default demo)."""
     defaults = DemoOptions()
     parser = argparse.ArgumentParser(
         prog="python -m mome demo",
         description="Train a tiny VLMo-style MoME model from scratch on generated shapes and captions, then report "
         "retrieval on held-out pairs and generated captions.",
     )
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps, both stages together")
+    parser.add_argument(
+        "--model",
+        choices=sorted(RECIPES),
+        default=None,
+        help="train one of the five systems' recipes (mome/models/<model>.py) instead of the default demo, and report "
+        "the metrics that system is known for",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"training steps, all stages together (default {defaults.steps}, or "
+        "the --model recipe's own)"
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds the data, the model and sampling")
     parser.add_argument("--out", default=defaults.out, help="folder for metrics.json and demo.png")
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda (cuda runs the GPU kernels)")
@@ -448,6 +430,12 @@ def parse_args(argv: list[str] | None) -> DemoOptions:
     parser.add_argument("--itm-weight", type=float, default=defaults.itm_weight, help="weight of the ITM loss")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of a torchrun group (torchrun --nproc-per-node 2 -m mome demo --distributed): DDP over "
+        "gloo on CPU, NCCL on GPU; each rank trains on its share of every batch, rank 0 reports",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (default 1: the ops are tiny, more threads mostly wait)"
     )
     args = parser.parse_args(argv)
@@ -457,9 +445,17 @@ def parse_args(argv: list[str] | None) -> DemoOptions:
         parser.error(f"--itm-random-negatives must lie in [0, 1], got {args.itm_random_negatives}")
     if args.itm_weight < 0:
         parser.error(f"--itm-weight must be >= 0, got {args.itm_weight}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.model is not None and args.distributed:
+        parser.error("--distributed runs the default demo; --model recipes run in one process")
     torch.set_num_threads(args.threads)
-    return DemoOptions(
-        steps=args.steps,
+    recipe = None
+    if args.model is not None:
+        recipe = recipe_options(args.model, steps=args.steps, seed=args.seed, device=args.device,
+                                eval_size=args.eval_size, out=args.out, quiet=args.quiet)  # fmt: skip
+    options = DemoOptions(
+        steps=defaults.steps if args.steps is None else args.steps,
         seed=args.seed,
         out=args.out,
         device=args.device,
@@ -469,10 +465,16 @@ def parse_args(argv: list[str] | None) -> DemoOptions:
         itm_weight=args.itm_weight,
         quiet=args.quiet,
     )
+    return options, args.distributed, None if recipe is None else (args.model, recipe)
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse_args(argv)
+    options, distributed, recipe = _parse(argv)
+    if recipe is not None:
+        run_recipe(*recipe)
+        return 0
+    if distributed:
+        return _main_distributed(options)
     print(
         f"mome demo: a {options.depth}-layer VLMo-style MoME (dim {options.dim}) learns {options.image_size}px "
         f"shapes and their captions from scratch, {options.steps} steps, seed {options.seed}",
@@ -480,6 +482,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     metrics = run_demo(options)
     print_report(metrics, Path(options.out))
+    return 0
+
+
+def _main_distributed(options: DemoOptions) -> int:
+    """``main`` on one rank of a torchrun group: rank 0 prints and writes, every rank leaves the group."""
+    from mome.demo_distributed import check_options
+    from mome.distributed import init_from_torchrun, teardown
+
+    try:
+        ranks = init_from_torchrun(options.device)
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"mome demo --distributed: {error}") from None
+    try:
+        try:
+            check_options(options, ranks)
+        except ValueError as error:
+            raise SystemExit(f"mome demo --distributed: {error}") from None
+        if ranks.is_main:
+            print(
+                f"mome demo on {ranks.world_size} ranks ({ranks.device.type}, DDP): a {options.depth}-layer "
+                f"VLMo-style MoME (dim {options.dim}) learns {options.image_size}px shapes and their captions from "
+                f"scratch, {options.steps} steps of {options.batch_size} pairs "
+                f"({options.batch_size // ranks.world_size} per rank), seed {options.seed}",
+                flush=True,
+            )
+        metrics = run_demo(options, ranks)
+        if metrics is not None:
+            print_report(metrics, Path(options.out))
+    finally:
+        teardown()
     return 0
 
 

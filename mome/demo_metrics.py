@@ -18,6 +18,26 @@ def recall_at(similarity: Tensor, k: int) -> float:
     return float((top == torch.arange(similarity.shape[0], device=similarity.device)[:, None]).any(1).float().mean())
 
 
+def retrieval_scores(similarity: Tensor) -> dict:
+    """R@1 and R@5 both ways for an ``(images, texts)`` similarity whose diagonal holds the true pairs, and chance."""
+    size = similarity.shape[0]
+    return {
+        "image_to_text": {"R@1": recall_at(similarity, 1), "R@5": recall_at(similarity, 5)},
+        "text_to_image": {"R@1": recall_at(similarity.T, 1), "R@5": recall_at(similarity.T, 5)},
+        "chance": {"R@1": 1 / size, "R@5": min(5, size) / size},
+    }
+
+
+def print_retrieval(heading: str, retrieval: dict) -> None:
+    """The table of :func:`retrieval_scores` under ``heading``."""
+    print(f"\n{heading}")
+    print(f"  {'':<14}{'R@1':>8}{'R@5':>8}")
+    for name, label in (("image_to_text", "image → text"), ("text_to_image", "text → image")):
+        print(f"  {label:<14}{retrieval[name]['R@1']:>8.1%}{retrieval[name]['R@5']:>8.1%}")
+    chance = retrieval["chance"]
+    print(f"  {'chance':<14}{chance['R@1']:>8.1%}{chance['R@5']:>8.1%}")
+
+
 def caption_scores(generated: list[str], equivalents: list[tuple[str, ...]]) -> tuple[float, float]:
     """Exact-match rate and words-in-place rate of generated captions; each is scored against the closest
     of its image's equivalent captions ("a X left of a Y" and "a Y right of a X" are both right)."""

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mome.demo import DemoOptions, History, Pretrainer, Progress, main, run_demo, write_plot
+from mome.demo import DemoOptions, History, Pretrainer, main, run_demo, write_plot
 from mome.demo_metrics import caption_scores, itm_eval_pairs, other_scene, recall_at
+from mome.demo_training import Progress
 from mome.shapes_data import COLORS, CaptionTokenizer, Scene, ShapesCaptions, render, sample_scene
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
+from mome.nn._heads import merge_heads, split_heads
 from mome.nn.masks import MaskStructure, key_padding_of, mha_structure_of
 from mome.nn.multiway import MultiwayLayerNorm, MultiwayLinear
 
@@ -222,16 +223,6 @@ def replace_attention(model: nn.Module) -> int:
     return swapped
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    batch, seq, dim = x.shape
-    return x.reshape(batch, seq, heads, dim // heads).transpose(1, 2)  # [B, H, N, Dh]
-
-
-def _merge_heads(x: Tensor) -> Tensor:
-    batch, heads, seq, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)  # [B, N, D]
-
-
 def _check_dropout(dropout: float) -> float:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
         raise ValueError(f"dropout (attention dropout probability) must be a float in [0, 1], got {dropout!r}")
@@ -261,10 +252,10 @@ class SharedSelfAttention(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x [B, N, D]
-        q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
         out = ops.attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, dropout_p=dropout_p)
-        return self.proj(_merge_heads(out))
+        return self.proj(merge_heads(out))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, qkv_bias={self.q_bias is not None}, dropout={self.dropout}"
@@ -294,10 +285,10 @@ class MultiwaySelfAttention(nn.Module):
     ) -> Tensor:
         """x ``(B, N, D)``; modality ``(B, N)`` ids; key_padding_mask ``(B, N)`` bool, True = pad; attn_bias
         broadcastable as ``(B, H, N, N)``, added to the scaled scores."""
-        q, k, v = (_split_heads(proj(x, modality), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (split_heads(proj(x, modality), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         dropout_p = self.dropout if self.training else 0.0
         out = ops.attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, dropout_p=dropout_p)
-        out = _merge_heads(out)
+        out = merge_heads(out)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out, modality)
         return self.out_proj(out, modality)

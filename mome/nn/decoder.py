@@ -8,28 +8,16 @@ cross-attention keys and values of the image tokens projected once before the fi
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
-from mome.ops._validate import check_ids
+from mome.nn._heads import merge_heads, split_heads
+from mome.ops._validate import check_ids, is_int, is_real
 
 STRATEGIES = ("greedy", "sample")
-
-
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """``(B, N, H·Dh)`` -> ``(B, H, N, Dh)``."""
-    batch, tokens, dim = x.shape
-    return x.view(batch, tokens, heads, dim // heads).transpose(1, 2)
-
-
-def _merge_heads(x: Tensor) -> Tensor:
-    """``(B, H, N, Dh)`` -> ``(B, N, H·Dh)``."""
-    batch, heads, tokens, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
 class CaptionDecoderLayer(nn.Module):
@@ -52,7 +40,7 @@ class CaptionDecoderLayer(nn.Module):
     def image_kv(self, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values ``(B, H, M, Dh)`` of the image tokens ``(B, M, image_dim)``."""
         k, v = self.cross_kv(image_tokens).chunk(2, dim=-1)
-        return _split_heads(k, self.heads).contiguous(), _split_heads(v, self.heads).contiguous()
+        return split_heads(k, self.heads).contiguous(), split_heads(v, self.heads).contiguous()
 
     def ffn(self, x: Tensor) -> Tensor:
         """``fc2(gelu(fc1(x)))`` through ``mome.ops.modality_ffn`` with one expert (fused bias + GELU on GPU)."""
@@ -71,11 +59,11 @@ class CaptionDecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, image_k: Tensor, image_v: Tensor, image_padding_mask: Tensor | None) -> Tensor:
         """``x`` ``(B, L, D)`` text states; ``image_k``/``image_v`` from :meth:`image_kv`."""
-        q, k, v = (_split_heads(t, self.heads) for t in self.self_qkv(self.norm1(x)).chunk(3, dim=-1))
-        x = x + self.self_out(_merge_heads(ops.attention(q, k, v, causal=True)))
-        q = _split_heads(self.cross_q(self.norm2(x)), self.heads)
+        q, k, v = (split_heads(t, self.heads) for t in self.self_qkv(self.norm1(x)).chunk(3, dim=-1))
+        x = x + self.self_out(merge_heads(ops.attention(q, k, v, causal=True)))
+        q = split_heads(self.cross_q(self.norm2(x)), self.heads)
         attended = ops.attention(q, image_k, image_v, key_padding_mask=image_padding_mask)
-        x = x + self.cross_out(_merge_heads(attended))
+        x = x + self.cross_out(merge_heads(attended))
         return x + self.ffn(self.norm3(x))
 
     def step(
@@ -367,28 +355,19 @@ class CaptionDecoder(nn.Module):
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     def _check_generate_args(self, max_new_tokens, bos_id, eos_id, strategy, temperature, top_k, top_p) -> None:
-        if not _is_int(max_new_tokens) or not 0 <= max_new_tokens < self.max_len:
+        if not is_int(max_new_tokens) or not 0 <= max_new_tokens < self.max_len:
             raise ValueError(
                 f"max_new_tokens must be an int in [0, max_len - 1 = {self.max_len - 1}] (bos takes one position), "
                 f"got {max_new_tokens!r}"
             )
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
-            if not _is_int(value) or not 0 <= value < self.vocab_size:
+            if not is_int(value) or not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if not _is_real(temperature) or not 0 < temperature < math.inf:
+        if not is_real(temperature) or not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
+        if top_p is not None and (not is_real(top_p) or not 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-
-
-def _is_int(value) -> bool:
-    """Python or numpy ints; not bools (``True`` is an int to Python, never a token id or a count here)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -143,3 +144,13 @@ def check_positive_float(name: str, value) -> float:
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return float(value)
+
+
+def is_int(value) -> bool:
+    """Python or numpy ints; not bools (``True`` is an int to Python, never a token id or a count here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """Python or numpy real numbers; not bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

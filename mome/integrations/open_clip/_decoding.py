@@ -22,18 +22,7 @@ from torch import Tensor, nn
 
 from mome import ops
 from mome.integrations._tally import Tally
-
-
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """``(B, T, H·D)`` -> ``(B, H, T, D)``."""
-    batch, tokens, width = x.shape
-    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
-
-
-def _merge_heads(x: Tensor) -> Tensor:
-    """``(B, H, T, D)`` -> ``(B, T, H·D)``."""
-    batch, heads, tokens, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+from mome.nn._heads import merge_heads, split_heads
 
 
 def _projection(attn: nn.MultiheadAttention, which: int, x: Tensor) -> Tensor:
@@ -44,7 +33,7 @@ def _projection(attn: nn.MultiheadAttention, which: int, x: Tensor) -> Tensor:
     else:
         weight = (attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight)[which]
     bias = None if attn.in_proj_bias is None else attn.in_proj_bias.chunk(3)[which]
-    return _split_heads(nn.functional.linear(x, weight, bias), attn.num_heads)
+    return split_heads(nn.functional.linear(x, weight, bias), attn.num_heads)
 
 
 class _SelfCache:
@@ -147,11 +136,11 @@ class CocaSteps:
         cache.v[rows, :, slots] = v.transpose(1, 2)
         if q.shape[2] == 1:
             k, v = cache.k, cache.v
-        x = x + block.ls_1(attn.out_proj(_merge_heads(self._attend(q, k, v, lens, True, hidden))))
+        x = x + block.ls_1(attn.out_proj(merge_heads(self._attend(q, k, v, lens, True, hidden))))
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def _cross_block(self, block, x, image_k: Tensor, image_v: Tensor) -> Tensor:
         q = _projection(block.attn, 0, block.ln_1(x))
         attended = self._attend(q, image_k, image_v, self.image_lens, False, None)
-        x = x + block.ls_1(block.attn.out_proj(_merge_heads(attended)))
+        x = x + block.ls_1(block.attn.out_proj(merge_heads(attended)))
         return x + block.ls_2(block.mlp(block.ln_2(x)))
