@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from mome.kernels._common import widen_bf16_in_interpreter
+from mome.kernels.attention_fwd import tile_source
 from mome.kernels.attention_masks import (
     dropout_keep,
     key_tile_info,
@@ -25,16 +26,6 @@ from mome.kernels.attention_masks import (
     query_row_bits,
     visible_pairs,
 )
-
-
-@triton.jit
-def _flat_source(base, total_rows, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                 USE_TMA: tl.constexpr):  # fmt: skip
-    if USE_TMA:
-        return tl.make_tensor_descriptor(base, shape=[total_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                         block_shape=[BLOCK_ROWS, BLOCK_D])  # fmt: skip
-    else:
-        return base
 
 
 @triton.jit
@@ -113,10 +104,10 @@ def attention_bias_grad_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     kv_heads = heads // group
-    q_source = _flat_source(Q, batch_size * heads * nq, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-    do_source = _flat_source(DOut, batch_size * heads * nq, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-    k_source = _flat_source(K, batch_size * kv_heads * nk, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
-    v_source = _flat_source(V, batch_size * kv_heads * nk, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    q_source = tile_source(Q, batch_size * heads * nq, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    do_source = tile_source(DOut, batch_size * heads * nq, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    k_source = tile_source(K, batch_size * kv_heads * nk, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_source = tile_source(V, batch_size * kv_heads * nk, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for pair in range(0, pairs):
