@@ -79,6 +79,16 @@ def _similarity_tile(
 
 
 @triton.jit
+def _feature_rows(row_ptrs, valid, D, BLOCK_D: tl.constexpr):
+    """The ``[len(row_ptrs), BLOCK_D]`` tile of whole feature rows (``BLOCK_D >= D``), zeros past D and on invalid
+    rows: held by a WHOLE_D program, where one load of a column tile serves the similarity and the gradient's
+    product and the column loop is the only loop, so its loads are the ones pipelined."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
+    return widen_bf16_in_interpreter(tile)
+
+
+@triton.jit
 def _softplus(x):
     """``log(1 + exp(x))``, stable for large ``|x|`` and exact where ``exp(-|x|)`` is tiny: ``log1p(u)`` as
     ``u · log(w) / (w - 1)``, ``w = 1 + u`` (Goldberg's correction; libdevice's log1p is not there under the
@@ -133,7 +143,7 @@ def _itc_fwd_kernel(
     row_loss_ptr, lse_ptr, lse_m_ptr, neg_idx_ptr,
     rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, params_ptr,
     M, B, Q, D, row_offset, seed, direction,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WHOLE_D: tl.constexpr,
     HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, MINING: tl.constexpr,
     SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -169,14 +179,22 @@ def _itc_fwd_kernel(
     best_score = tl.full((BLOCK_M,), neg_inf, ACC)
     best_idx = tl.full((BLOCK_M,), -1, tl.int32)
     undefined = tl.zeros((BLOCK_M,), tl.int32)  # a non-finite in-batch logit: no defined draw, pick -1
+    if WHOLE_D:
+        rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D)
+        if DISTILL:
+            rows_m = _feature_rows(rows_m_block + block_rows * D, row_valid, D, BLOCK_D)
 
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < N
         col_ptrs = _column_pointers(cols_ptr, queue_ptr, offs_n, B, D)
-        raw = _similarity_tile(
-            rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
-        )
+        if WHOLE_D:
+            cols = _feature_rows(col_ptrs, col_valid, D, BLOCK_D)
+            raw = tl.dot(rows, tl.trans(cols), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            raw = _similarity_tile(
+                rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
+            )
         logits = tl.where(col_valid[None, :], raw * scale, neg_inf)
         positive = _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS)
         if SIGMOID:
@@ -193,9 +211,13 @@ def _itc_fwd_kernel(
             if SMOOTH:
                 logit_sum += tl.sum(finite_logits, axis=1)
         if DISTILL:
-            raw_m = _similarity_tile(
-                rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
-            )
+            if WHOLE_D:
+                raw_m = tl.dot(rows_m, tl.trans(cols), input_precision=PRECISION, out_dtype=ACC)
+            else:
+                raw_m = _similarity_tile(
+                    rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION,
+                    BLOCK_M, BLOCK_N,
+                )  # fmt: skip
             logits_m = tl.where(col_valid[None, :], raw_m * scale, neg_inf)
             new_m_max = tl.maximum(m_max, tl.max(logits_m, axis=1))
             rescale = tl.exp(m_max - new_m_max)
@@ -243,14 +265,14 @@ def _itc_fwd_kernel(
 
 @triton.jit
 def _itc_fwd_both_kernel(
-    row_loss_ptr, lse_ptr, col_max_ptr, col_sum_ptr,
+    row_loss_ptr, lse_ptr, col_lse_ptr,
     rows_ptr, cols_ptr, params_ptr, B, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WHOLE_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Plain CLIP (whole batch, pair j's positive is column j only, no queue, no options): both directions in one
-    pass. Per row (i2t) the loss and log-sum-exp, as ``_itc_fwd_kernel``; per column tile the partial (max, Σexp)
-    of its logits over this program's BLOCK_M rows, stored at ``[pid, column]``: the launcher combines the
+    pass. Per row (i2t) the loss and log-sum-exp, as ``_itc_fwd_kernel``; per column tile the log-sum-exp of its
+    logits over this program's BLOCK_M rows, stored at ``[pid, column]``: the launcher combines the
     ``cdiv(B, BLOCK_M)`` partials of each column into the t2i log-sum-exp in a fixed order (no atomics).
     """
     pid = tl.program_id(0)
@@ -264,13 +286,19 @@ def _itc_fwd_both_kernel(
     run_sum = tl.zeros((BLOCK_M,), ACC)
     pos_logits = tl.zeros((BLOCK_M,), ACC)
     partials = pid.to(tl.int64) * B
+    if WHOLE_D:
+        rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D)
     for start in range(0, B, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < B
         col_ptrs = cols_ptr + offs_n.to(tl.int64) * D
-        raw = _similarity_tile(
-            rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
-        )
+        if WHOLE_D:
+            raw = tl.dot(rows, tl.trans(_feature_rows(col_ptrs, col_valid, D, BLOCK_D)), input_precision=PRECISION,
+                         out_dtype=ACC)  # fmt: skip
+        else:
+            raw = _similarity_tile(
+                rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
+            )
         logits = raw * scale
         by_row = tl.where(col_valid[None, :], logits, neg_inf)
         new_max = tl.maximum(run_max, tl.max(by_row, axis=1))
@@ -280,8 +308,7 @@ def _itc_fwd_both_kernel(
         by_column = tl.where(row_valid[:, None], logits, neg_inf)  # every block has a valid row: a finite max
         column_max = tl.max(by_column, axis=0)
         column_sum = tl.sum(tl.exp(by_column - column_max[None, :]), axis=0)
-        tl.store(col_max_ptr + partials + offs_n, column_max, mask=col_valid)
-        tl.store(col_sum_ptr + partials + offs_n, column_sum, mask=col_valid)
+        tl.store(col_lse_ptr + partials + offs_n, column_max + tl.log(column_sum), mask=col_valid)
     lse = run_max + tl.log(run_sum)
     tl.store(row_loss_ptr + offs_m, lse - pos_logits, mask=row_valid)
     tl.store(lse_ptr + offs_m, lse, mask=row_valid)
@@ -293,7 +320,7 @@ def _itc_bwd_rows_kernel(
     rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, params_ptr, lse_ptr, lse_m_ptr,
     pos_count_ptr, grad_ptr, lse_t_ptr, grad_t_ptr, M, B, Q, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
-    HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, TRANSPOSED: tl.constexpr,
+    WHOLE_D: tl.constexpr, HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, TRANSPOSED: tl.constexpr,
     SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, HALF_RANGE: tl.constexpr,
 ):  # fmt: skip
@@ -335,13 +362,21 @@ def _itc_bwd_rows_kernel(
     d_rows = tl.zeros((BLOCK_M, BLOCK_DOUT), ACC)
     d_scale = tl.zeros((BLOCK_M,), ACC)
     d_bias = tl.zeros((BLOCK_M,), ACC)
+    if WHOLE_D:  # one feature slice, BLOCK_DOUT == BLOCK_D
+        rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D)
+        if DISTILL:
+            rows_m = _feature_rows(rows_m_block + block_rows * D, row_valid, D, BLOCK_D)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < N
         col_ptrs = _column_pointers(cols_ptr, queue_ptr, offs_n, B, D)
-        raw = _similarity_tile(
-            rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
-        )
+        if WHOLE_D:
+            cols = _feature_rows(col_ptrs, col_valid, D, BLOCK_D)
+            raw = tl.dot(rows, tl.trans(cols), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            raw = _similarity_tile(
+                rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
+            )
         positive = _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS)
         keep = row_valid[:, None] & col_valid[None, :]
         if SIGMOID:  # d softplus(-label · z) / dz = -label · sigmoid(-label · z) = sigmoid(z) - [positive]
@@ -351,10 +386,13 @@ def _itc_bwd_rows_kernel(
         else:
             target = tl.where(positive, 1.0 / pos_count[:, None], 0.0)
             if DISTILL:
-                raw_m = _similarity_tile(
-                    rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION,
-                    BLOCK_M, BLOCK_N,
-                )  # fmt: skip
+                if WHOLE_D:
+                    raw_m = tl.dot(rows_m, tl.trans(cols), input_precision=PRECISION, out_dtype=ACC)
+                else:
+                    raw_m = _similarity_tile(
+                        rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION,
+                        BLOCK_M, BLOCK_N,
+                    )  # fmt: skip
                 target = (1.0 - alpha) * target + alpha * tl.exp(raw_m * scale - lse_m[:, None])
             if SMOOTH:
                 target = (1.0 - smoothing) * target + smoothing / N
@@ -375,8 +413,10 @@ def _itc_bwd_rows_kernel(
                 prob_t = tl.exp(raw * scale - lse_t[None, :])
                 d_t = tl.where(keep & in_batch[None, :], prob_t - target_t, 0.0)
             d_tile += d_t * (grad_t / grad_norm)
-        cols = tl.load(col_ptrs[:, None] + offs_out[None, :], mask=col_valid[:, None] & out_valid[None, :], other=0.0)
-        cols = widen_bf16_in_interpreter(cols)
+        if not WHOLE_D:  # this program's feature slice of the column tile
+            cols = tl.load(col_ptrs[:, None] + offs_out[None, :], mask=col_valid[:, None] & out_valid[None, :],
+                           other=0.0)  # fmt: skip
+            cols = widen_bf16_in_interpreter(cols)
         d_rows += tl.dot((d_tile * HALF_RANGE).to(cols.dtype), cols, input_precision=PRECISION, out_dtype=ACC)
     out_ptrs = d_rows_ptr + offs_m[:, None].to(tl.int64) * D + offs_out[None, :]
     tl.store(
@@ -395,7 +435,7 @@ def _itc_bwd_cols_kernel(
     d_cols_ptr,
     rows_ptr, cols_ptr, row_ids_ptr, ids_ptr, params_ptr, lse_ptr, pos_count_ptr, grad_ptr, M, B, Q, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
-    SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
+    WHOLE_D: tl.constexpr, SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, HALF_RANGE: tl.constexpr,
 ):  # fmt: skip
     """Program (batch-column block, feature slice): ``d cols[j, slice] = scale · Σ_i dlogits[i, j] · rows[i, slice]``.
@@ -417,13 +457,19 @@ def _itc_bwd_cols_kernel(
     scale, bias, _alpha, smoothing = _params(params_ptr, SIGMOID, False, SMOOTH, ACC)
     grad = tl.load(grad_ptr).to(ACC) / M
     d_cols = tl.zeros((BLOCK_N, BLOCK_DOUT), ACC)
+    if WHOLE_D:  # one feature slice, BLOCK_DOUT == BLOCK_D
+        cols = _feature_rows(cols_block + block_cols * D, col_valid, D, BLOCK_D)
     for start in range(0, M, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         row_valid = offs_m < M
         row_ptrs = rows_ptr + offs_m.to(tl.int64) * D
-        raw = _similarity_tile(  # [BLOCK_N columns, BLOCK_M rows]
-            cols_block, block_cols, col_valid, row_ptrs, row_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_N, BLOCK_M
-        )
+        if WHOLE_D:  # [BLOCK_N columns, BLOCK_M rows]
+            rows = _feature_rows(row_ptrs, row_valid, D, BLOCK_D)
+            raw = tl.dot(cols, tl.trans(rows), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            raw = _similarity_tile(
+                cols_block, block_cols, col_valid, row_ptrs, row_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_N, BLOCK_M
+            )
         row_ids = tl.load(row_ids_ptr + offs_m, mask=row_valid, other=-3)
         positive = col_ids[:, None] == row_ids[None, :]
         keep = col_valid[:, None] & row_valid[None, :]
@@ -438,8 +484,10 @@ def _itc_bwd_cols_kernel(
                 target = (1.0 - smoothing) * target + smoothing / (B + Q)
             prob = tl.exp(raw * scale - lse[None, :])
             d_logits = tl.where(keep, prob - target, 0.0)
-        rows = tl.load(row_ptrs[:, None] + offs_out[None, :], mask=row_valid[:, None] & out_valid[None, :], other=0.0)
-        rows = widen_bf16_in_interpreter(rows)
+        if not WHOLE_D:  # this program's feature slice of the row tile
+            rows = tl.load(row_ptrs[:, None] + offs_out[None, :], mask=row_valid[:, None] & out_valid[None, :],
+                           other=0.0)  # fmt: skip
+            rows = widen_bf16_in_interpreter(rows)
         d_cols += tl.dot((d_logits * HALF_RANGE).to(rows.dtype), rows, input_precision=PRECISION, out_dtype=ACC)
     out_ptrs = d_cols_ptr + offs_n[:, None].to(tl.int64) * D + offs_out[None, :]
     tl.store(
@@ -480,7 +528,8 @@ def _numerics_of(dtype: torch.dtype, backward: bool) -> dict[str, object]:
 
 def _launch(name, kernel, grid, signature, constexprs, config: ItcConfig, dtype, sizes: Sizes) -> Launch:
     divisible = divisible_by_16(M=sizes.rows, B=sizes.batch, Q=sizes.queue, D=sizes.dim, row_offset=sizes.row_offset)
-    tag = f"{TRITON_TYPE[dtype]}_{config.block_m}x{config.block_n}x{constexprs['BLOCK_D']}_w{config.num_warps}"
+    whole = "_whole" if constexprs["WHOLE_D"] else ""
+    tag = f"{TRITON_TYPE[dtype]}_{config.block_m}x{config.block_n}x{constexprs['BLOCK_D']}{whole}_w{config.num_warps}"
     return Launch(f"{name}_{tag}", kernel, grid, signature, constexprs, config.num_warps, config.num_stages,
                   tuple(n for n in divisible if n in signature), config.spill_budget)  # fmt: skip
 
@@ -492,9 +541,9 @@ def _flag_names(flags: dict) -> str:
 def fwd_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids: bool, distill: bool, mining: int,
              smooth: bool, sigmoid: bool) -> Launch:  # fmt: skip
     """The forward of one direction (``_itc_fwd_kernel``)."""
-    config = itc_config("fwd_distill" if distill else "fwd", arch, dtype in SIXTEEN_BIT)
+    config = itc_config("fwd_distill" if distill else "fwd", arch, dtype in SIXTEEN_BIT, padded_dim(sizes.dim))
     features, acc = _feature_types(dtype)
-    block_d, _ = feature_blocks(sizes.dim, padded_dim(sizes.dim))
+    block_d, _, whole = feature_blocks(config, padded_dim(sizes.dim))
     signature = {
         **dict.fromkeys(("row_loss_ptr", "lse_ptr", "lse_m_ptr"), acc), "neg_idx_ptr": "*i64",
         **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), features),
@@ -502,7 +551,7 @@ def fwd_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids: bool
         **dict.fromkeys(("M", "B", "Q", "D", "row_offset"), "i32"), "seed": "i64", "direction": "i32",
     }  # fmt: skip
     flags = dict(HAS_QUEUE_IDS=has_queue_ids, DISTILL=distill, MINING=mining, SMOOTH=smooth, SIGMOID=sigmoid)
-    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, **flags,
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, WHOLE_D=whole, **flags,
                       **_numerics_of(dtype, backward=False))  # fmt: skip
     grid = (triton.cdiv(sizes.rows, config.block_m),)
     name = f"itc_fwd{_flag_names(flags)}"
@@ -511,14 +560,14 @@ def fwd_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids: bool
 
 def fwd_both_plan(arch: int, dtype: torch.dtype, sizes: Sizes) -> Launch:
     """Plain CLIP's one forward pass for both directions (``_itc_fwd_both_kernel``), at the forward's tiles."""
-    config = itc_config("fwd", arch, dtype in SIXTEEN_BIT)
+    config = itc_config("fwd", arch, dtype in SIXTEEN_BIT, padded_dim(sizes.dim))
     features, acc = _feature_types(dtype)
-    block_d, _ = feature_blocks(sizes.dim, padded_dim(sizes.dim))
+    block_d, _, whole = feature_blocks(config, padded_dim(sizes.dim))
     signature = {
-        **dict.fromkeys(("row_loss_ptr", "lse_ptr", "col_max_ptr", "col_sum_ptr"), acc),
+        **dict.fromkeys(("row_loss_ptr", "lse_ptr", "col_lse_ptr"), acc),
         **dict.fromkeys(("rows_ptr", "cols_ptr"), features), "params_ptr": acc, "B": "i32", "D": "i32",
     }  # fmt: skip
-    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, WHOLE_D=whole,
                       **_numerics_of(dtype, backward=False))  # fmt: skip
     grid = (triton.cdiv(sizes.batch, config.block_m),)
     return _launch("itc_fwd_both", _itc_fwd_both_kernel, grid, signature, constexprs, config, dtype, sizes)
@@ -527,9 +576,9 @@ def fwd_both_plan(arch: int, dtype: torch.dtype, sizes: Sizes) -> Launch:
 def bwd_rows_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids: bool, distill: bool,
                   transposed: bool, smooth: bool, sigmoid: bool) -> Launch:  # fmt: skip
     """The row gradient of one direction (``_itc_bwd_rows_kernel``)."""
-    config = itc_config("bwd_rows", arch, dtype in SIXTEEN_BIT)
+    config = itc_config("bwd_rows", arch, dtype in SIXTEEN_BIT, padded_dim(sizes.dim))
     features, acc = _feature_types(dtype)
-    block_d, block_dout = feature_blocks(sizes.dim, padded_dim(sizes.dim))
+    block_d, block_dout, whole = feature_blocks(config, padded_dim(sizes.dim))
     signature = {
         "d_rows_ptr": features, **dict.fromkeys(("d_scale_ptr", "d_bias_ptr"), acc),
         **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), features),
@@ -540,7 +589,7 @@ def bwd_rows_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids:
     }  # fmt: skip
     flags = dict(HAS_QUEUE_IDS=has_queue_ids, DISTILL=distill, TRANSPOSED=transposed, SMOOTH=smooth, SIGMOID=sigmoid)
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DOUT=block_dout,
-                      **flags, **_numerics_of(dtype, backward=True))  # fmt: skip
+                      WHOLE_D=whole, **flags, **_numerics_of(dtype, backward=True))  # fmt: skip
     grid = (triton.cdiv(sizes.rows, config.block_m), triton.cdiv(sizes.dim, block_dout))
     name = f"itc_bwd_rows{_flag_names(flags)}"
     return _launch(name, _itc_bwd_rows_kernel, grid, signature, constexprs, config, dtype, sizes)
@@ -549,9 +598,9 @@ def bwd_rows_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids:
 def bwd_cols_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, smooth: bool, sigmoid: bool) -> Launch:
     """The batch-column gradient of one direction (``_itc_bwd_cols_kernel``): ``block_m`` columns stay, rows
     stream (the kernel's BLOCK_N is the stationary side)."""
-    config = itc_config("bwd_cols", arch, dtype in SIXTEEN_BIT)
+    config = itc_config("bwd_cols", arch, dtype in SIXTEEN_BIT, padded_dim(sizes.dim))
     features, acc = _feature_types(dtype)
-    block_d, block_dout = feature_blocks(sizes.dim, padded_dim(sizes.dim))
+    block_d, block_dout, whole = feature_blocks(config, padded_dim(sizes.dim))
     signature = {
         "d_cols_ptr": features, **dict.fromkeys(("rows_ptr", "cols_ptr"), features),
         **dict.fromkeys(("row_ids_ptr", "ids_ptr"), "*i64"),
@@ -560,7 +609,7 @@ def bwd_cols_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, smooth: bool, 
     }  # fmt: skip
     flags = dict(SMOOTH=smooth, SIGMOID=sigmoid)
     constexprs = dict(BLOCK_M=config.block_n, BLOCK_N=config.block_m, BLOCK_D=block_d, BLOCK_DOUT=block_dout,
-                      **flags, **_numerics_of(dtype, backward=True))  # fmt: skip
+                      WHOLE_D=whole, **flags, **_numerics_of(dtype, backward=True))  # fmt: skip
     grid = (triton.cdiv(sizes.batch, config.block_m), triton.cdiv(sizes.dim, block_dout))
     name = f"itc_bwd_cols{_flag_names(flags)}"
     return _launch(name, _itc_bwd_cols_kernel, grid, signature, constexprs, config, dtype, sizes)
@@ -680,11 +729,6 @@ def _direction_stats(rows, rows_m, cols, queue, ids: _Ids, params, loss: _Loss, 
     return row_loss, (None if loss.sigmoid else lse), (lse_m if distill else None), neg_idx
 
 
-# The one-pass CLIP forward keeps cdiv(B, BLOCK_M) x B column partials: it runs while they take at most this many
-# times the bytes of the features (B <= 128 d at 64-row tiles), so the memory stays O(B·d); beyond, two passes.
-ONE_PASS_PARTIALS_PER_FEATURE_BYTE = 4
-
-
 def _one_pass(image_rows, text_rows, image_columns, text_columns, options, row_offset, hard_negatives) -> bool:
     """Plain CLIP: the rows are the columns (the same memory), whole batch, no queue, ids, momentum features,
     smoothing, sigmoid loss or mining: then t2i's logits are i2t's transposed and one pass serves both."""
@@ -696,30 +740,24 @@ def _one_pass(image_rows, text_rows, image_columns, text_columns, options, row_o
     plain = plain and options.image_feats_m is None and options.text_feats_m is None and options.alpha == 0
     plain = plain and options.label_smoothing == 0 and options.loss == "softmax" and hard_negatives is None
     plain = plain and options.mining_image_columns is None and options.mining_text_columns is None
-    batch, dim = image_rows.shape
-    return same and plain and row_offset == 0 and _partials_fit(target(image_rows.device)[0], image_rows.dtype, batch,
-                                                                dim)  # fmt: skip
-
-
-def _partials_fit(arch: int, dtype: torch.dtype, batch: int, dim: int) -> bool:
-    block_m = itc_config("fwd", arch, dtype in SIXTEEN_BIT).block_m
-    element = dtype.itemsize
-    partial_bytes = 2 * triton.cdiv(batch, block_m) * batch * (8 if dtype == torch.float64 else 4)
-    return partial_bytes <= ONE_PASS_PARTIALS_PER_FEATURE_BYTE * 2 * batch * dim * element
+    return same and plain and row_offset == 0
 
 
 def _clip_fwd(image_rows, text_rows, params):
-    """Both directions from one pass over the image-row tiles; the t2i statistics from the column partials."""
+    """Both directions from one pass over the image-row tiles; the t2i statistics from the column partials.
+
+    The partials take ``cdiv(B, BLOCK_M) · B`` accumulator floats (B = 65 536: 128 MiB in fp32 at sm_90's 128-row
+    tiles for d ≤ 256, 256 MiB at 64 rows), 1/128 to 1/64 of one fp32 B × B logit matrix of the formula: more
+    than the features at large B, well under the memory target (1/20 of the formula's), and they save a whole
+    similarity pass."""
     batch, dim = image_rows.shape
     acc_dtype = _accumulator_dtype(image_rows)
     launch = fwd_both_plan(target(image_rows.device)[0], image_rows.dtype, Sizes(batch, batch, 0, dim))
     row_loss = torch.empty(batch, dtype=acc_dtype, device=image_rows.device)
     lse_i2t = torch.empty_like(row_loss)
-    col_max = torch.empty((launch.grid[0], batch), dtype=acc_dtype, device=image_rows.device)
-    col_sum = torch.empty_like(col_max)
-    launch(row_loss, lse_i2t, col_max, col_sum, image_rows, text_rows, params, batch, dim)
-    top = col_max.max(dim=0).values
-    lse_t2i = top + (col_sum * torch.exp(col_max - top)).sum(dim=0).log()
+    col_lse = torch.empty((launch.grid[0], batch), dtype=acc_dtype, device=image_rows.device)
+    launch(row_loss, lse_i2t, col_lse, image_rows, text_rows, params, batch, dim)
+    lse_t2i = torch.logsumexp(col_lse, dim=0)
     positives = lse_i2t - row_loss  # the diagonal logits: pair j's positive in both directions
     neg_text, neg_image = (torch.empty(0, dtype=torch.int64, device=image_rows.device) for _ in range(2))
     return row_loss.mean(), (lse_t2i - positives).mean(), neg_text, neg_image, lse_i2t.float(), lse_t2i.float()
@@ -858,8 +896,9 @@ def itc_loss_bwd(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The gate (``python -m mome.kernels.aot --check``): the launches the launchers above make for real training setups,
-# through the same plans. Every width and batch here compiles to the same kernels (BLOCK_D 64, BLOCK_DOUT 256, all
-# sizes divisible by 16), so they dedupe to one compile per (mode, kernel, dtype, arch).
+# through the same plans. Every batch here compiles to the same kernels (all sizes divisible by 16); d = 256 holds
+# the features whole on sm_90 (16-bit) and d = 512 / 768 slices them (BLOCK_D 64, BLOCK_DOUT 256), so they dedupe
+# to two compiles per (mode, kernel, dtype) on sm_90 and one elsewhere.
 
 GATE_WIDTHS = (256, 512, 768)
 GATE_BATCHES = (256, 16384, 65536)
@@ -893,7 +932,7 @@ def _mode_launches(arch: int, dtype: torch.dtype, mode: str, batch: int, dim: in
     queue, fwd, rows, cols = GATE_MODES[mode]
     local = batch // 8 if cols is not None else batch  # gathered: one of 8 ranks' rows
     sizes = Sizes(local, batch, queue, dim, row_offset=local)
-    if mode == "clip" and _partials_fit(arch, dtype, batch, dim):  # both directions in one pass
+    if mode == "clip":  # both directions in one pass
         launches = [("fwd both", fwd_both_plan(arch, dtype, Sizes(batch, batch, 0, dim)))]
     else:
         launches = [("fwd", fwd_plan(arch, dtype, sizes, **fwd))]

@@ -3,10 +3,10 @@
 Fixed tables, so what runs on a GPU is what the gate compiles (``python -m mome.kernels.aot --check``); the
 gate's figures behind each choice are in ``benchmarks/NOTES-itc.md``. ``block_m`` is the stationary side of each
 kernel (rows for the forward and the row backward, columns for the column backward), ``block_n`` the streamed one;
-``BLOCK_D`` (the similarity's feature step) is ``min(64, padded d)`` and ``BLOCK_DOUT`` (the backward's feature
-slice) ``min(FEATURE_SLICE, padded d)``.
+``feature_blocks`` gives the feature tiling.
 
-- sm_90, 16-bit: 64-row stationary tiles, the wgmma M side of one warpgroup.
+- sm_90, 16-bit: features up to 256 wide held whole by 128-row stationary tiles; wider ones in 64-row tiles (the
+  wgmma M side of one warpgroup) with an inner feature loop.
 - sm_80 and everything else (fp32 on sm_90 too, which the gate's rules do not cover): the tiles the sm_80 compile
   found nearly spill-free: a streamed tile of 32 and a 32-row stationary block in the backward.
 - the interpreter: small tiles (its cost grows with tile steps).
@@ -25,6 +25,7 @@ class ItcConfig(NamedTuple):
     num_warps: int
     num_stages: int
     spill_budget: int = 0  # SASS local-memory instructions the gate accepts (sm_90, 16-bit)
+    whole_d: int = 0  # the widest (padded) feature width this configuration holds whole: see ``feature_blocks``
 
 
 FEATURE_SLICE = 128 if interpreting() else 256
@@ -37,24 +38,40 @@ SM90 = {
     "bwd_rows": ItcConfig(64, 64, 8, 2),
     "bwd_cols": ItcConfig(64, 64, 8, 2),
 }
+# Features up to 256 wide, held whole: 128 stationary rows (a warpgroup's 64 each, so the chained similarity ->
+# gradient products are not computed by both warpgroups, as they are at 64 rows under 8 warps) against 32
+# streamed columns, double-buffered: every kernel compiles without spills (64 x 64 spilled in the forward
+# and the backward; see NOTES-itc.md, v4).
+SM90_WHOLE = dict.fromkeys(("fwd", "fwd_distill", "bwd_rows", "bwd_cols"), ItcConfig(128, 32, 8, 2, whole_d=256))
 SM80 = {
     "fwd": ItcConfig(64, 32, 8, 3),
     "fwd_distill": ItcConfig(64, 32, 8, 3),
     "bwd_rows": ItcConfig(32, 32, 8, 2),
     "bwd_cols": ItcConfig(32, 32, 8, 2),
 }
-INTERPRETER = ItcConfig(32, 32, 8, 1)
+INTERPRETER = ItcConfig(32, 32, 8, 1, whole_d=64)  # both code paths: whole up to 64 features, sliced beyond
 
 
-def itc_config(kernel: str, arch: int, sixteen_bit: bool) -> ItcConfig:
-    """The configuration of ``kernel`` ("fwd", "fwd_distill", "bwd_rows", "bwd_cols") for one launch."""
+def itc_config(kernel: str, arch: int, sixteen_bit: bool, padded_dim: int) -> ItcConfig:
+    """The configuration of ``kernel`` ("fwd", "fwd_distill", "bwd_rows", "bwd_cols") for one launch on features
+    of power-of-two tile width ``padded_dim``."""
     if interpreting():
         return INTERPRETER
-    return (SM90 if arch == 90 and sixteen_bit else SM80)[kernel]
+    if arch == 90 and sixteen_bit:
+        whole = SM90_WHOLE[kernel]
+        return whole if padded_dim <= whole.whole_d else SM90[kernel]
+    return SM80[kernel]
 
 
-def feature_blocks(dim: int, padded: int) -> tuple[int, int]:
-    """``(BLOCK_D, BLOCK_DOUT)`` for features of width ``dim`` (``padded``: its power-of-two tile width)."""
+def feature_blocks(config: ItcConfig, padded: int) -> tuple[int, int, bool]:
+    """``(BLOCK_D, BLOCK_DOUT, WHOLE_D)`` for features of power-of-two tile width ``padded``.
+
+    WHOLE_D (``padded <= config.whole_d``): the stationary tile is loaded once and each streamed tile is loaded
+    whole, one product per similarity and one load per tile for both of the backward's products, in the one
+    loop of the program (pipelined across tiles). Otherwise the similarity steps through BLOCK_D features in an
+    inner loop and the backward's programs each own a BLOCK_DOUT slice of the gradient."""
+    if padded <= config.whole_d:
+        return padded, padded, True
     if interpreting():
-        return 32, FEATURE_SLICE
-    return min(64, padded), min(FEATURE_SLICE, padded)
+        return 32, FEATURE_SLICE, False
+    return min(64, padded), min(FEATURE_SLICE, padded), False

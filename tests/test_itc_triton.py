@@ -87,20 +87,45 @@ def test_half_features_under_interpreter(name, dtype):
     check_against_reference(make_case(**CASES[name]), dtype, TOLERANCE[dtype])
 
 
-def test_plain_clip_is_one_forward_pass_and_wide_partials_fall_back_to_two(monkeypatch):
-    """Plain CLIP runs one forward pass for both directions (the column partials give t2i's log-sum-exp), unless
-    its partials would outgrow the features (B = 300 at d = 2: the two-pass path)."""
+def test_plain_clip_is_one_forward_pass_at_any_width(monkeypatch):
+    """Plain CLIP runs one forward pass for both directions (the column partials give t2i's log-sum-exp), however
+    narrow the features (B = 300 at d = 2: partials larger than the features); ids take the two-pass path."""
     from mome.kernels import itc as kernels
 
     passes = []
     for name in ("_clip_fwd", "_direction_stats"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: passes.append(_n) or _f(*a, **k))
-    check_against_reference(make_case(45, 24), torch.float32, TOLERANCE[torch.float32])  # fp32: no fp64 re-run
-    assert passes == ["_clip_fwd"], passes
-    passes.clear()
-    check_against_reference(make_case(300, 2), torch.float32, TOLERANCE[torch.float32])
+    for batch, dim in ((45, 24), (300, 2)):
+        check_against_reference(make_case(batch, dim), torch.float32, TOLERANCE[torch.float32])  # fp32: no re-run
+        assert passes == ["_clip_fwd"], (batch, dim, passes)
+        passes.clear()
+    check_against_reference(make_case(45, 24, ids=9), torch.float32, TOLERANCE[torch.float32])
     assert passes == ["_direction_stats", "_direction_stats"], passes
+
+
+def sm90_case(kind, dim):
+    if kind == "column_kernel":  # image momentum only (alpha = 0): the texts' column gradient from the column kernel
+        case = make_case(45, dim, queue=11)
+        return dict(case, image_feats_m=features(45, dim, 99))
+    return make_case(**dict(CASES[kind], dim=dim))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans a CPU launch as sm_90")
+@pytest.mark.parametrize("dim", [200, 300], ids=["whole_d", "sliced"])
+@pytest.mark.parametrize("kind", ["clip_d16", "albef", "column_kernel"])
+def test_sm90_plans_under_interpreter(kind, dim, monkeypatch):
+    """sm_90's 16-bit tiles run by the interpreter: features held whole (d 200, a 256-wide tile) and in feature
+    slices (d 300), for the one-pass forward and the transposed row kernel (CLIP), distillation (ALBEF) and the
+    column kernel."""
+    from mome.kernels import itc, itc_configs
+
+    monkeypatch.setattr(itc, "target", lambda device: (90, 132))
+    monkeypatch.setattr(itc_configs, "interpreting", lambda: False)
+    plan = itc.bwd_rows_plan(90, torch.float16, itc.Sizes(45, 45, 0, dim), has_queue_ids=False, distill=False,
+                             transposed=True, smooth=False, sigmoid=False)  # fmt: skip
+    assert plan.constexprs["WHOLE_D"] == (dim == 200) and plan.constexprs["BLOCK_M"] == (128 if dim == 200 else 64)
+    check_against_reference(sm90_case(kind, dim), torch.float16, TOLERANCE[torch.float16])
 
 
 def test_one_online_column_side():

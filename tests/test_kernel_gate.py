@@ -100,6 +100,8 @@ def test_the_gate_passes_on_every_kernel_the_launchers_plan(tmp_path):
                 "modality_layer_norm_fwd", "modality_layer_norm_bwd", "routing_count", "routing_scatter",
                 "decode_split", "decode_combine")  # fmt: skip
     assert all(any(name.startswith(family) for name in names) for family in families), sorted(names)
+    for family in ("itc_fwd_both", "itc_fwd_has_queue_ids_distill", "itc_bwd_rows", "itc_bwd_cols"):  # d = 256
+        assert any(name.startswith(family) and "_whole_" in name for name in names), family
     products = [row for row in rows if row["arch"] == 90 and row["name"].startswith(("itc_", "grouped_"))]
     sixteen_bit = [row for row in products if "fp32" not in row["name"]]
     assert sixteen_bit and all(row["wgmma"] > 0 and row["mma_sync"] == 0 and row["cp_async"] > 0 for row in sixteen_bit)

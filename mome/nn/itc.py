@@ -21,6 +21,9 @@ from mome import ops
 from mome.nn.training import FeatureQueue
 from mome.ops.itc import ITCOutput
 
+# torch 2.13 renamed reduce_scatter_tensor (now deprecated, with a FutureWarning) to reduce_scatter_single
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """``cat`` of every rank's equally sized ``(b, ...)`` tensor; backward: reduce-scatter (sum), this rank's rows.
@@ -40,7 +43,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(mine, grad.contiguous(), group=ctx.group)
+        _reduce_scatter(mine, grad.contiguous(), group=ctx.group)
         return mine, None
 
 
