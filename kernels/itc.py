@@ -46,13 +46,17 @@ from mome.kernels._common import (
     pointer_type,
     widen_bf16_in_interpreter,
 )
-from mome.kernels._plan import Launch, divisible_by_16, target
+from mome.kernels._plan import GATE_TARGETS, Launch, divisible_by_16, target
 from mome.kernels.aot import AotSpec, GateCase
-from mome.kernels.itc_configs import FEATURE_SLICE, ItcConfig, feature_blocks, itc_config
+from mome.kernels.itc_configs import FEATURE_SLICE, ItcConfig, column_splits, feature_blocks, itc_config
 from torch import Tensor
 
 MINE_NONE, MINE_SAMPLE, MINE_HARDEST = 0, 1, 2
 _MINING = {None: MINE_NONE, "sample": MINE_SAMPLE, "hardest": MINE_HARDEST}
+# What a split forward stores per (column range, row), in this order (``_combine_splits`` reads them back)
+SPLIT_STAT_NAMES = ("run_max", "run_sum", "pos_logits", "pos_count", "logit_sum", "sig_sum", "m_max", "m_sum",
+                    "m_dot", "best_score")  # fmt: skip
+SPLIT_STATS = tl.constexpr(len(SPLIT_STAT_NAMES))
 
 
 @triton.jit
@@ -125,6 +129,18 @@ def _column_pointers(cols_ptr, queue_ptr, offs_n, B, D):
 
 
 @triton.jit
+def _column_range(axis: tl.constexpr, N, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """The columns ``[begin, end)`` a program streams: all N, or with SPLIT the range numbered by the grid's
+    ``axis``, the N columns cut into as many ranges of whole tiles (``column_splits`` leaves none empty)."""
+    if SPLIT:
+        span = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(axis)) * BLOCK_N
+        begin = tl.program_id(axis) * span
+        return begin, tl.minimum(begin + span, N)
+    else:
+        return 0, N
+
+
+@triton.jit
 def _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` bool: column is a positive of the row (ids agree; queue only with queue ids)."""
     in_batch = offs_n < B
@@ -140,10 +156,10 @@ def _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS:
 
 @triton.jit
 def _itc_fwd_kernel(
-    row_loss_ptr, lse_ptr, lse_m_ptr, neg_idx_ptr,
+    row_loss_ptr, lse_ptr, lse_m_ptr, neg_idx_ptr, split_stats_ptr,
     rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, params_ptr,
     M, B, Q, D, row_offset, seed, direction,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WHOLE_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WHOLE_D: tl.constexpr, SPLIT: tl.constexpr,
     HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, MINING: tl.constexpr,
     SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -155,6 +171,10 @@ def _itc_fwd_kernel(
     ``params_ptr``: (scale, bias, alpha, smoothing) in the accumulator dtype (runtime float arguments would be
     fp32). SIGMOID: the row loss is the softplus sum and nothing goes to ``lse_ptr``.
     Mining scores are ``scale · similarity`` without the bias (a row's softmax and arg-max ignore it).
+
+    SPLIT: program (row block, s) streams only the s-th range of the columns and stores its running statistics
+    (``SPLIT_STAT_NAMES``, M each, at ``split_stats_ptr``, its pick at ``neg_idx_ptr + s · M``, -2 where a logit was
+    not finite) for the launcher to combine (``_combine_splits``); nothing goes to the loss pointers.
     """
     pid = tl.program_id(0)
     N = B + Q
@@ -184,7 +204,8 @@ def _itc_fwd_kernel(
         if DISTILL:
             rows_m = _feature_rows(rows_m_block + block_rows * D, row_valid, D, BLOCK_D)
 
-    for start in range(0, N, BLOCK_N):
+    begin, end = _column_range(1, N, BLOCK_N, SPLIT)
+    for start in range(begin, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < N
         col_ptrs = _column_pointers(cols_ptr, queue_ptr, offs_n, B, D)
@@ -246,34 +267,51 @@ def _itc_fwd_kernel(
                 best_idx = tl.where(better, tile_idx, best_idx)
                 best_score = tl.where(better, tile_best, best_score)
 
-    if SIGMOID:
-        tl.store(row_loss_ptr + offs_m, sig_sum, mask=row_valid)
+    if SPLIT:  # in the order of SPLIT_STAT_NAMES
+        stats = split_stats_ptr + (tl.program_id(1) * SPLIT_STATS).to(tl.int64) * M + offs_m
+        tl.store(stats, run_max, mask=row_valid)
+        tl.store(stats + M, run_sum, mask=row_valid)
+        tl.store(stats + 2 * M, pos_logits, mask=row_valid)
+        tl.store(stats + 3 * M, pos_count, mask=row_valid)
+        tl.store(stats + 4 * M, logit_sum, mask=row_valid)
+        tl.store(stats + 5 * M, sig_sum, mask=row_valid)
+        tl.store(stats + 6 * M, m_max, mask=row_valid)
+        tl.store(stats + 7 * M, m_sum, mask=row_valid)
+        tl.store(stats + 8 * M, m_dot, mask=row_valid)
+        tl.store(stats + 9 * M, best_score, mask=row_valid)
+        if MINING != 0:
+            picks = neg_idx_ptr + tl.program_id(1).to(tl.int64) * M + offs_m
+            tl.store(picks, tl.where(undefined > 0, -2, best_idx).to(tl.int64), mask=row_valid)
     else:
-        lse = run_max + tl.log(run_sum)
-        target_logits = pos_logits / tl.maximum(pos_count, 1.0)  # padding rows have none
-        if DISTILL:
-            target_logits = (1.0 - alpha) * target_logits + alpha * (m_dot / m_sum)
-            tl.store(lse_m_ptr + offs_m, m_max + tl.log(m_sum), mask=row_valid)
-        if SMOOTH:  # targets (1 - ε)·t + ε/N: Σ target · logits = (1 - ε)·(Σ t · logits) + ε · mean(logits)
-            target_logits = (1.0 - smoothing) * target_logits + smoothing * (logit_sum / N)
-        tl.store(row_loss_ptr + offs_m, lse - target_logits, mask=row_valid)
-        tl.store(lse_ptr + offs_m, lse, mask=row_valid)
-    if MINING != 0:
-        best_idx = tl.where(undefined > 0, -1, best_idx)
-        tl.store(neg_idx_ptr + offs_m, best_idx.to(tl.int64), mask=row_valid)
+        if SIGMOID:
+            tl.store(row_loss_ptr + offs_m, sig_sum, mask=row_valid)
+        else:
+            lse = run_max + tl.log(run_sum)
+            target_logits = pos_logits / tl.maximum(pos_count, 1.0)  # padding rows have none
+            if DISTILL:
+                target_logits = (1.0 - alpha) * target_logits + alpha * (m_dot / m_sum)
+                tl.store(lse_m_ptr + offs_m, m_max + tl.log(m_sum), mask=row_valid)
+            if SMOOTH:  # targets (1 - ε)·t + ε/N: Σ target · logits = (1 - ε)·(Σ t · logits) + ε · mean(logits)
+                target_logits = (1.0 - smoothing) * target_logits + smoothing * (logit_sum / N)
+            tl.store(row_loss_ptr + offs_m, lse - target_logits, mask=row_valid)
+            tl.store(lse_ptr + offs_m, lse, mask=row_valid)
+        if MINING != 0:
+            best_idx = tl.where(undefined > 0, -1, best_idx)
+            tl.store(neg_idx_ptr + offs_m, best_idx.to(tl.int64), mask=row_valid)
 
 
 @triton.jit
 def _itc_fwd_both_kernel(
-    row_loss_ptr, lse_ptr, col_lse_ptr,
+    row_lse_ptr, positive_ptr, col_lse_ptr,
     rows_ptr, cols_ptr, params_ptr, B, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WHOLE_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WHOLE_D: tl.constexpr, SPLIT: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Plain CLIP (whole batch, pair j's positive is column j only, no queue, no options): both directions in one
-    pass. Per row (i2t) the loss and log-sum-exp, as ``_itc_fwd_kernel``; per column tile the log-sum-exp of its
-    logits over this program's BLOCK_M rows, stored at ``[pid, column]``: the launcher combines the
-    ``cdiv(B, BLOCK_M)`` partials of each column into the t2i log-sum-exp in a fixed order (no atomics).
+    pass. Per row (i2t) the log-sum-exp and the positive logit over this program's columns, stored at ``[s, row]``
+    (s: the column range, 0 without SPLIT); per column tile the log-sum-exp of its logits over this program's
+    BLOCK_M rows, stored at ``[row block, column]``. The launcher combines the ranges into the i2t statistics and
+    the ``cdiv(B, BLOCK_M)`` partials of each column into the t2i log-sum-exp, in a fixed order (no atomics).
     """
     pid = tl.program_id(0)
     block_rows = tl.arange(0, BLOCK_M)
@@ -288,7 +326,8 @@ def _itc_fwd_both_kernel(
     partials = pid.to(tl.int64) * B
     if WHOLE_D:
         rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D)
-    for start in range(0, B, BLOCK_N):
+    begin, end = _column_range(1, B, BLOCK_N, SPLIT)
+    for start in range(begin, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < B
         col_ptrs = cols_ptr + offs_n.to(tl.int64) * D
@@ -309,19 +348,20 @@ def _itc_fwd_both_kernel(
         column_max = tl.max(by_column, axis=0)
         column_sum = tl.sum(tl.exp(by_column - column_max[None, :]), axis=0)
         tl.store(col_lse_ptr + partials + offs_n, column_max + tl.log(column_sum), mask=col_valid)
-    lse = run_max + tl.log(run_sum)
-    tl.store(row_loss_ptr + offs_m, lse - pos_logits, mask=row_valid)
-    tl.store(lse_ptr + offs_m, lse, mask=row_valid)
+    split_rows = tl.program_id(1).to(tl.int64) * B + offs_m
+    tl.store(row_lse_ptr + split_rows, run_max + tl.log(run_sum), mask=row_valid)
+    tl.store(positive_ptr + split_rows, pos_logits, mask=row_valid)
 
 
 @triton.jit
 def _itc_bwd_rows_kernel(
-    d_rows_ptr, d_scale_ptr, d_bias_ptr,
+    d_rows_ptr, d_rows_split_ptr, d_scale_ptr, d_bias_ptr,
     rows_ptr, rows_m_ptr, cols_ptr, queue_ptr, row_ids_ptr, ids_ptr, queue_ids_ptr, params_ptr, lse_ptr, lse_m_ptr,
     pos_count_ptr, grad_ptr, lse_t_ptr, grad_t_ptr, M, B, Q, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
-    WHOLE_D: tl.constexpr, HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, TRANSPOSED: tl.constexpr,
-    SMOOTH: tl.constexpr, SIGMOID: tl.constexpr,
+    WHOLE_D: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_QUEUE_IDS: tl.constexpr, DISTILL: tl.constexpr, TRANSPOSED: tl.constexpr, SMOOTH: tl.constexpr,
+    SIGMOID: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, HALF_RANGE: tl.constexpr,
 ):  # fmt: skip
     """Program (row block, feature slice): ``d rows[:, slice] = scale · Σ_j dlogits[:, j] · columns[j, slice]``.
@@ -335,9 +375,14 @@ def _itc_bwd_rows_kernel(
     The loss is the mean over the M rows: ``grad / M``. SIGMOID (never with DISTILL):
     ``dlogits = sigmoid(z) - [positive]`` with ``z = logit + bias``, the same for the transposed pair, and
     the first slice writes each row's part of ``d bias`` too; no lse is read.
+
+    SPLIT: program (row block, slice, s) streams the s-th range of the columns only and stores its part of
+    ``d rows`` in the accumulator dtype at ``d_rows_split_ptr + s · M · D``, for the launcher to sum; ``d scale`` /
+    ``d bias`` parts go to ``s · M + row`` (summed by the launcher in every case).
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
     N = B + Q
     block_rows = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + block_rows
@@ -366,7 +411,8 @@ def _itc_bwd_rows_kernel(
         rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D)
         if DISTILL:
             rows_m = _feature_rows(rows_m_block + block_rows * D, row_valid, D, BLOCK_D)
-    for start in range(0, N, BLOCK_N):
+    begin, end = _column_range(2, N, BLOCK_N, SPLIT)
+    for start in range(begin, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < N
         col_ptrs = _column_pointers(cols_ptr, queue_ptr, offs_n, B, D)
@@ -418,16 +464,17 @@ def _itc_bwd_rows_kernel(
                            other=0.0)  # fmt: skip
             cols = widen_bf16_in_interpreter(cols)
         d_rows += tl.dot((d_tile * HALF_RANGE).to(cols.dtype), cols, input_precision=PRECISION, out_dtype=ACC)
-    out_ptrs = d_rows_ptr + offs_m[:, None].to(tl.int64) * D + offs_out[None, :]
-    tl.store(
-        out_ptrs,
-        (d_rows * (scale * grad_norm / HALF_RANGE)).to(d_rows_ptr.dtype.element_ty),
-        mask=row_valid[:, None] & out_valid[None, :],
-    )
+    d_rows = d_rows * (scale * grad_norm / HALF_RANGE)
+    out_offsets = offs_m[:, None].to(tl.int64) * D + offs_out[None, :]
+    out_mask = row_valid[:, None] & out_valid[None, :]
+    if SPLIT:
+        tl.store(d_rows_split_ptr + pid_s.to(tl.int64) * M * D + out_offsets, d_rows, mask=out_mask)
+    else:
+        tl.store(d_rows_ptr + out_offsets, d_rows.to(d_rows_ptr.dtype.element_ty), mask=out_mask)
     if pid_d == 0:
-        tl.store(d_scale_ptr + offs_m, d_scale * grad, mask=row_valid)
+        tl.store(d_scale_ptr + pid_s * M + offs_m, d_scale * grad, mask=row_valid)
         if SIGMOID:
-            tl.store(d_bias_ptr + offs_m, d_bias * grad, mask=row_valid)
+            tl.store(d_bias_ptr + pid_s * M + offs_m, d_bias * grad, mask=row_valid)
 
 
 @triton.jit
@@ -528,8 +575,8 @@ def _numerics_of(dtype: torch.dtype, backward: bool) -> dict[str, object]:
 
 def _launch(name, kernel, grid, signature, constexprs, config: ItcConfig, dtype, sizes: Sizes) -> Launch:
     divisible = divisible_by_16(M=sizes.rows, B=sizes.batch, Q=sizes.queue, D=sizes.dim, row_offset=sizes.row_offset)
-    whole = "_whole" if constexprs["WHOLE_D"] else ""
-    tag = f"{TRITON_TYPE[dtype]}_{config.block_m}x{config.block_n}x{constexprs['BLOCK_D']}{whole}_w{config.num_warps}"
+    layout = ("_whole" if constexprs["WHOLE_D"] else "") + ("_split" if constexprs.get("SPLIT") else "")
+    tag = f"{TRITON_TYPE[dtype]}_{config.block_m}x{config.block_n}x{constexprs['BLOCK_D']}{layout}_w{config.num_warps}"
     return Launch(f"{name}_{tag}", kernel, grid, signature, constexprs, config.num_warps, config.num_stages,
                   tuple(n for n in divisible if n in signature), config.spill_budget)  # fmt: skip
 
@@ -538,49 +585,54 @@ def _flag_names(flags: dict) -> str:
     return "".join(f"_{name.lower()}" for name, value in flags.items() if value) or "_plain"
 
 
-def fwd_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids: bool, distill: bool, mining: int,
-             smooth: bool, sigmoid: bool) -> Launch:  # fmt: skip
-    """The forward of one direction (``_itc_fwd_kernel``)."""
+def fwd_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, multiprocessors: int, has_queue_ids: bool,
+             distill: bool, mining: int, smooth: bool, sigmoid: bool) -> Launch:  # fmt: skip
+    """The forward of one direction (``_itc_fwd_kernel``); its grid's second axis is the column ranges."""
     config = itc_config("fwd_distill" if distill else "fwd", arch, dtype in SIXTEEN_BIT, padded_dim(sizes.dim))
     features, acc = _feature_types(dtype)
     block_d, _, whole = feature_blocks(config, padded_dim(sizes.dim))
     signature = {
-        **dict.fromkeys(("row_loss_ptr", "lse_ptr", "lse_m_ptr"), acc), "neg_idx_ptr": "*i64",
+        **dict.fromkeys(("row_loss_ptr", "lse_ptr", "lse_m_ptr"), acc), "neg_idx_ptr": "*i64", "split_stats_ptr": acc,
         **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), features),
         **dict.fromkeys(("row_ids_ptr", "ids_ptr", "queue_ids_ptr"), "*i64"), "params_ptr": acc,
         **dict.fromkeys(("M", "B", "Q", "D", "row_offset"), "i32"), "seed": "i64", "direction": "i32",
     }  # fmt: skip
     flags = dict(HAS_QUEUE_IDS=has_queue_ids, DISTILL=distill, MINING=mining, SMOOTH=smooth, SIGMOID=sigmoid)
-    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, WHOLE_D=whole, **flags,
-                      **_numerics_of(dtype, backward=False))  # fmt: skip
-    grid = (triton.cdiv(sizes.rows, config.block_m),)
+    programs = triton.cdiv(sizes.rows, config.block_m)
+    splits = column_splits(programs, sizes.batch + sizes.queue, config.block_n, multiprocessors)
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, WHOLE_D=whole,
+                      SPLIT=splits > 1, **flags, **_numerics_of(dtype, backward=False))  # fmt: skip
+    grid = (programs, splits)
     name = f"itc_fwd{_flag_names(flags)}"
     return _launch(name, _itc_fwd_kernel, grid, signature, constexprs, config, dtype, sizes)
 
 
-def fwd_both_plan(arch: int, dtype: torch.dtype, sizes: Sizes) -> Launch:
-    """Plain CLIP's one forward pass for both directions (``_itc_fwd_both_kernel``), at the forward's tiles."""
+def fwd_both_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, multiprocessors: int) -> Launch:
+    """Plain CLIP's one forward pass for both directions (``_itc_fwd_both_kernel``), at the forward's tiles; its
+    grid's second axis is the column ranges."""
     config = itc_config("fwd", arch, dtype in SIXTEEN_BIT, padded_dim(sizes.dim))
     features, acc = _feature_types(dtype)
     block_d, _, whole = feature_blocks(config, padded_dim(sizes.dim))
     signature = {
-        **dict.fromkeys(("row_loss_ptr", "lse_ptr", "col_lse_ptr"), acc),
+        **dict.fromkeys(("row_lse_ptr", "positive_ptr", "col_lse_ptr"), acc),
         **dict.fromkeys(("rows_ptr", "cols_ptr"), features), "params_ptr": acc, "B": "i32", "D": "i32",
     }  # fmt: skip
+    programs = triton.cdiv(sizes.batch, config.block_m)
+    splits = column_splits(programs, sizes.batch, config.block_n, multiprocessors)
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, WHOLE_D=whole,
-                      **_numerics_of(dtype, backward=False))  # fmt: skip
-    grid = (triton.cdiv(sizes.batch, config.block_m),)
+                      SPLIT=splits > 1, **_numerics_of(dtype, backward=False))  # fmt: skip
+    grid = (programs, splits)
     return _launch("itc_fwd_both", _itc_fwd_both_kernel, grid, signature, constexprs, config, dtype, sizes)
 
 
-def bwd_rows_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids: bool, distill: bool,
-                  transposed: bool, smooth: bool, sigmoid: bool) -> Launch:  # fmt: skip
-    """The row gradient of one direction (``_itc_bwd_rows_kernel``)."""
+def bwd_rows_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, multiprocessors: int, has_queue_ids: bool,
+                  distill: bool, transposed: bool, smooth: bool, sigmoid: bool) -> Launch:  # fmt: skip
+    """The row gradient of one direction (``_itc_bwd_rows_kernel``); its grid's third axis is the column ranges."""
     config = itc_config("bwd_rows", arch, dtype in SIXTEEN_BIT, padded_dim(sizes.dim))
     features, acc = _feature_types(dtype)
     block_d, block_dout, whole = feature_blocks(config, padded_dim(sizes.dim))
     signature = {
-        "d_rows_ptr": features, **dict.fromkeys(("d_scale_ptr", "d_bias_ptr"), acc),
+        "d_rows_ptr": features, **dict.fromkeys(("d_rows_split_ptr", "d_scale_ptr", "d_bias_ptr"), acc),
         **dict.fromkeys(("rows_ptr", "rows_m_ptr", "cols_ptr", "queue_ptr"), features),
         **dict.fromkeys(("row_ids_ptr", "ids_ptr", "queue_ids_ptr"), "*i64"),
         **dict.fromkeys(("params_ptr", "lse_ptr", "lse_m_ptr", "pos_count_ptr", "grad_ptr", "lse_t_ptr", "grad_t_ptr"),
@@ -588,9 +640,11 @@ def bwd_rows_plan(arch: int, dtype: torch.dtype, sizes: Sizes, *, has_queue_ids:
         **dict.fromkeys(("M", "B", "Q", "D"), "i32"),
     }  # fmt: skip
     flags = dict(HAS_QUEUE_IDS=has_queue_ids, DISTILL=distill, TRANSPOSED=transposed, SMOOTH=smooth, SIGMOID=sigmoid)
-    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DOUT=block_dout,
-                      WHOLE_D=whole, **flags, **_numerics_of(dtype, backward=True))  # fmt: skip
     grid = (triton.cdiv(sizes.rows, config.block_m), triton.cdiv(sizes.dim, block_dout))
+    splits = column_splits(grid[0] * grid[1], sizes.batch + sizes.queue, config.block_n, multiprocessors)
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DOUT=block_dout,
+                      WHOLE_D=whole, SPLIT=splits > 1, **flags, **_numerics_of(dtype, backward=True))  # fmt: skip
+    grid = (*grid, splits)
     name = f"itc_bwd_rows{_flag_names(flags)}"
     return _launch(name, _itc_bwd_rows_kernel, grid, signature, constexprs, config, dtype, sizes)
 
@@ -716,17 +770,51 @@ def _direction_stats(rows, rows_m, cols, queue, ids: _Ids, params, loss: _Loss, 
     row_loss = torch.empty(local, dtype=acc_dtype, device=rows.device)
     lse = torch.empty_like(row_loss) if not loss.sigmoid else row_loss
     lse_m = torch.empty_like(row_loss) if distill else row_loss
-    neg_idx = torch.empty(local if mining else 0, dtype=torch.int64, device=rows.device)
     sizes = Sizes(local, cols.shape[0], 0 if queue is None else queue.shape[0], dim, row_offset)
-    launch = fwd_plan(target(rows.device)[0], rows.dtype, sizes, has_queue_ids=ids.queue is not None,
+    arch, multiprocessors = target(rows.device)
+    launch = fwd_plan(arch, rows.dtype, sizes, multiprocessors=multiprocessors, has_queue_ids=ids.queue is not None,
                       distill=distill, mining=_MINING[mining], **loss.kwargs())  # fmt: skip
+    splits = launch.grid[1]
+    split_stats = row_loss.new_empty((splits, len(SPLIT_STAT_NAMES), local) if splits > 1 else 0)
+    neg_idx = torch.empty(splits * local if mining else 0, dtype=torch.int64, device=rows.device)
     launch(
-        row_loss, lse, lse_m, neg_idx,
+        row_loss, lse, lse_m, neg_idx, split_stats,
         rows, rows if rows_m is None else rows_m, cols, cols if queue is None else queue,
         ids.rows, ids.columns, ids.columns if ids.queue is None else ids.queue, params,
         *sizes, seed, direction,
     )  # fmt: skip
+    if splits > 1:
+        picks = neg_idx.view(splits, local) if mining else None
+        row_loss, lse, lse_m, picked = _combine_splits(split_stats, picks, loss, sizes)
+        neg_idx = neg_idx if picked is None else picked
     return row_loss, (None if loss.sigmoid else lse), (lse_m if distill else None), neg_idx
+
+
+def _combine_splits(stats: Tensor, picks: Tensor | None, loss: _Loss, sizes: Sizes):
+    """``(row loss, lse, momentum lse, picks)`` from the column ranges' statistics (``(splits, SPLIT_STATS, M)``,
+    picks ``(splits, M)`` or None), as the unsplit kernel's epilogue computes them from one range; fixed-order
+    reductions over the ranges, so the result is deterministic. The first range with the best score gives the pick
+    (the lowest column on ties, as the arg-max within a range); a range that met a non-finite logit (-2) makes it
+    -1."""
+    run_max, run_sum, pos_logits, pos_count, logit_sum, sig_sum, m_max, m_sum, m_dot, best_score = stats.unbind(1)
+    if picks is not None:
+        best = picks.gather(0, best_score.argmax(dim=0, keepdim=True)).squeeze(0)
+        picks = torch.where((picks == -2).any(dim=0), -1, best)
+    if loss.sigmoid:
+        return sig_sum.sum(dim=0), None, None, picks
+    lse = torch.logsumexp(run_max + run_sum.log(), dim=0)
+    target_logits = pos_logits.sum(dim=0) / pos_count.sum(dim=0).clamp(min=1.0)
+    lse_m = None
+    if loss.alpha > 0:  # the momentum softmax's weights of each range, rescaled to the largest range maximum
+        top = m_max.max(dim=0).values
+        weight = torch.exp(m_max - top)
+        m_total = (m_sum * weight).sum(dim=0)
+        target_logits = (1.0 - loss.alpha) * target_logits + loss.alpha * (m_dot * weight).sum(dim=0) / m_total
+        lse_m = top + m_total.log()
+    if loss.smoothing > 0:
+        columns = sizes.batch + sizes.queue
+        target_logits = (1.0 - loss.smoothing) * target_logits + loss.smoothing * logit_sum.sum(dim=0) / columns
+    return lse - target_logits, lse, lse_m, picks
 
 
 def _one_pass(image_rows, text_rows, image_columns, text_columns, options, row_offset, hard_negatives) -> bool:
@@ -752,15 +840,19 @@ def _clip_fwd(image_rows, text_rows, params):
     similarity pass."""
     batch, dim = image_rows.shape
     acc_dtype = _accumulator_dtype(image_rows)
-    launch = fwd_both_plan(target(image_rows.device)[0], image_rows.dtype, Sizes(batch, batch, 0, dim))
-    row_loss = torch.empty(batch, dtype=acc_dtype, device=image_rows.device)
-    lse_i2t = torch.empty_like(row_loss)
-    col_lse = torch.empty((launch.grid[0], batch), dtype=acc_dtype, device=image_rows.device)
-    launch(row_loss, lse_i2t, col_lse, image_rows, text_rows, params, batch, dim)
+    arch, multiprocessors = target(image_rows.device)
+    launch = fwd_both_plan(arch, image_rows.dtype, Sizes(batch, batch, 0, dim), multiprocessors=multiprocessors)
+    row_blocks, splits = launch.grid
+    row_lse = torch.empty((splits, batch), dtype=acc_dtype, device=image_rows.device)
+    positives = torch.empty_like(row_lse)
+    col_lse = torch.empty((row_blocks, batch), dtype=acc_dtype, device=image_rows.device)
+    launch(row_lse, positives, col_lse, image_rows, text_rows, params, batch, dim)
+    lse_i2t = row_lse[0] if splits == 1 else torch.logsumexp(row_lse, dim=0)
     lse_t2i = torch.logsumexp(col_lse, dim=0)
-    positives = lse_i2t - row_loss  # the diagonal logits: pair j's positive in both directions
+    positives = positives.sum(dim=0)  # the diagonal logits: pair j's positive in both directions
     neg_text, neg_image = (torch.empty(0, dtype=torch.int64, device=image_rows.device) for _ in range(2))
-    return row_loss.mean(), (lse_t2i - positives).mean(), neg_text, neg_image, lse_i2t.float(), lse_t2i.float()
+    loss_i2t, loss_t2i = (lse_i2t - positives).mean(), (lse_t2i - positives).mean()
+    return loss_i2t, loss_t2i, neg_text, neg_image, lse_i2t.float(), lse_t2i.float()
 
 
 def itc_loss_fwd(image_rows, text_rows, image_columns, text_columns, scale, options, row_offset, hard_negatives, seed):
@@ -812,19 +904,24 @@ def _direction_grads(grad, rows, rows_m, cols, queue, ids: _Ids, params, stats, 
     if transposed is not None:
         lse_t = lse if transposed[0] is None else transposed[0]
         grad_t = transposed[1].reshape(1).to(acc_dtype)
-    d_rows = torch.empty_like(rows)
-    d_scale = torch.empty(local, dtype=acc_dtype, device=rows.device)
-    d_bias = torch.empty_like(d_scale) if loss.sigmoid else d_scale
-    arch = target(rows.device)[0]
+    arch, multiprocessors = target(rows.device)
     sizes = Sizes(local, batch, queue_size, dim)
-    launch = bwd_rows_plan(arch, rows.dtype, sizes, has_queue_ids=ids.queue is not None, distill=loss.alpha > 0,
+    launch = bwd_rows_plan(arch, rows.dtype, sizes, multiprocessors=multiprocessors,
+                           has_queue_ids=ids.queue is not None, distill=loss.alpha > 0,
                            transposed=transposed is not None, **loss.kwargs())  # fmt: skip
+    splits = launch.grid[2]
+    d_rows = torch.empty_like(rows)
+    d_rows_split = torch.empty((splits, local, dim) if splits > 1 else 0, dtype=acc_dtype, device=rows.device)
+    d_scale = torch.empty(splits * local, dtype=acc_dtype, device=rows.device)  # per (range, row): summed below
+    d_bias = torch.empty_like(d_scale) if loss.sigmoid else d_scale
     launch(
-        d_rows, d_scale, d_bias,
+        d_rows, d_rows_split, d_scale, d_bias,
         rows, rows if rows_m is None else rows_m, cols, cols if queue is None else queue,
         ids.rows, ids.columns, ids.columns if ids.queue is None else ids.queue, params, lse,
         lse if lse_m is None else lse_m, pos_count, grad, lse_t, grad_t, local, batch, queue_size, dim,
     )  # fmt: skip
+    if splits > 1:
+        d_rows = d_rows_split.sum(dim=0).to(rows.dtype)
     d_cols = None
     if column_grad and transposed is None:
         d_cols = torch.empty_like(cols)
@@ -901,6 +998,7 @@ def itc_loss_bwd(
 # to two compiles per (mode, kernel, dtype) on sm_90 and one elsewhere.
 
 GATE_WIDTHS = (256, 512, 768)
+_MULTIPROCESSORS = dict(GATE_TARGETS)
 GATE_BATCHES = (256, 16384, 65536)
 GATE_QUEUE = 57600  # ALBEF's queue
 _OFF = dict(smooth=False, sigmoid=False)
@@ -933,10 +1031,11 @@ def _mode_launches(arch: int, dtype: torch.dtype, mode: str, batch: int, dim: in
     local = batch // 8 if cols is not None else batch  # gathered: one of 8 ranks' rows
     sizes = Sizes(local, batch, queue, dim, row_offset=local)
     if mode == "clip":  # both directions in one pass
-        launches = [("fwd both", fwd_both_plan(arch, dtype, Sizes(batch, batch, 0, dim)))]
+        launches = [("fwd both", fwd_both_plan(arch, dtype, Sizes(batch, batch, 0, dim),
+                                               multiprocessors=_MULTIPROCESSORS[arch]))]  # fmt: skip
     else:
-        launches = [("fwd", fwd_plan(arch, dtype, sizes, **fwd))]
-    launches.append(("bwd rows", bwd_rows_plan(arch, dtype, sizes, **rows)))
+        launches = [("fwd", fwd_plan(arch, dtype, sizes, multiprocessors=_MULTIPROCESSORS[arch], **fwd))]
+    launches.append(("bwd rows", bwd_rows_plan(arch, dtype, sizes, multiprocessors=_MULTIPROCESSORS[arch], **rows)))
     if cols is not None:
         launches.append(("bwd cols", bwd_cols_plan(arch, dtype, sizes, **cols)))
     return launches

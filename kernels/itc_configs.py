@@ -3,7 +3,7 @@
 Fixed tables, so what runs on a GPU is what the gate compiles (``python -m mome.kernels.aot --check``); the
 gate's figures behind each choice are in ``benchmarks/NOTES-itc.md``. ``block_m`` is the stationary side of each
 kernel (rows for the forward and the row backward, columns for the column backward), ``block_n`` the streamed one;
-``feature_blocks`` gives the feature tiling.
+``feature_blocks`` gives the feature tiling and ``column_splits`` the column ranges of launches with few rows.
 
 - sm_90, 16-bit: features up to 256 wide held whole by 128-row stationary tiles; wider ones in 64-row tiles (the
   wgmma M side of one warpgroup) with an inner feature loop.
@@ -42,7 +42,12 @@ SM90 = {
 # gradient products are not computed by both warpgroups, as they are at 64 rows under 8 warps) against 32
 # streamed columns, double-buffered: every kernel compiles without spills (64 x 64 spilled in the forward
 # and the backward; see NOTES-itc.md, v4).
-SM90_WHOLE = dict.fromkeys(("fwd", "fwd_distill", "bwd_rows", "bwd_cols"), ItcConfig(128, 32, 8, 2, whole_d=256))
+SM90_WHOLE = {
+    **dict.fromkeys(("fwd", "fwd_distill", "bwd_cols"), ItcConfig(128, 32, 8, 2, whole_d=256)),
+    # ALBEF's row kernel split over column ranges (distillation: two held row tiles) keeps one register in local
+    # memory across the column loop: one store before the loop, one load after it, none inside (SASS)
+    "bwd_rows": ItcConfig(128, 32, 8, 2, spill_budget=2, whole_d=256),
+}
 SM80 = {
     "fwd": ItcConfig(64, 32, 8, 3),
     "fwd_distill": ItcConfig(64, 32, 8, 3),
@@ -61,6 +66,26 @@ def itc_config(kernel: str, arch: int, sixteen_bit: bool, padded_dim: int) -> It
         whole = SM90_WHOLE[kernel]
         return whole if padded_dim <= whole.whole_d else SM90[kernel]
     return SM80[kernel]
+
+
+# Column splits: row programs (row blocks x feature slices) fewer than SPLIT_PROGRAMS_PER_SM per multiprocessor
+# each stream a range of the columns instead of all of them (ALBEF: 256 rows against a 57 600 queue are 2 row
+# blocks), and the launcher combines the ranges' statistics. A range keeps at least MIN_SPLIT_TILES streamed tiles,
+# each range reloading the stationary tile.
+SPLIT_PROGRAMS_PER_SM = 2
+MIN_SPLIT_TILES = 8
+
+
+def column_splits(programs: int, columns: int, block_n: int, multiprocessors: int) -> int:
+    """How many column ranges the ``programs`` row programs of a launch each split their ``columns`` into: a
+    count that cuts the tiles into equal ranges with none left empty (the kernels' ``_column_range``)."""
+    tiles = _cdiv(columns, block_n)
+    splits = max(1, min(_cdiv(SPLIT_PROGRAMS_PER_SM * multiprocessors, programs), tiles // MIN_SPLIT_TILES))
+    return _cdiv(tiles, _cdiv(tiles, splits))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def feature_blocks(config: ItcConfig, padded: int) -> tuple[int, int, bool]:

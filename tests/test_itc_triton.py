@@ -122,8 +122,8 @@ def test_sm90_plans_under_interpreter(kind, dim, monkeypatch):
 
     monkeypatch.setattr(itc, "target", lambda device: (90, 132))
     monkeypatch.setattr(itc_configs, "interpreting", lambda: False)
-    plan = itc.bwd_rows_plan(90, torch.float16, itc.Sizes(45, 45, 0, dim), has_queue_ids=False, distill=False,
-                             transposed=True, smooth=False, sigmoid=False)  # fmt: skip
+    flags = dict(has_queue_ids=False, distill=False, transposed=True, smooth=False, sigmoid=False)
+    plan = itc.bwd_rows_plan(90, torch.float16, itc.Sizes(45, 45, 0, dim), multiprocessors=132, **flags)
     assert plan.constexprs["WHOLE_D"] == (dim == 200) and plan.constexprs["BLOCK_M"] == (128 if dim == 200 else 64)
     check_against_reference(sm90_case(kind, dim), torch.float16, TOLERANCE[torch.float16])
 
@@ -385,3 +385,63 @@ def test_gpu_second_half_of_the_batch_matches_the_spec(dtype, mode):
     case = make_batch(mode, batch=600, dim=256, queue=1000, device="cuda")
     case["scale"] = 100.0 if mode == "clip" else 1 / 0.07
     check_rows_against_spec(case, 300, 600, dtype, TOLERANCE[dtype] if dtype != torch.float32 else 1e-4)
+
+
+@pytest.fixture
+def column_ranges(monkeypatch):
+    """Every row program of the forward and the row backward splits its columns into ranges of one tile (tiny
+    batches would not split otherwise); returns the split counts the plans chose, for the test to check."""
+    from mome.kernels import itc, itc_configs
+
+    monkeypatch.setattr(itc_configs, "MIN_SPLIT_TILES", 1)
+    chosen = []
+    original = itc.column_splits
+    monkeypatch.setattr(itc, "column_splits", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    return chosen
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_column_ranges_match_reference(name, dtype, column_ranges, poisoned_allocations):
+    """Row programs that each stream a range of the columns (the launch for few rows against many columns:
+    ALBEF's queue, one rank's rows), their statistics and row gradients combined by the launcher."""
+    case = make_case(**CASES[name])
+    check_against_reference(case, dtype, TOLERANCE[dtype] if dtype != torch.float64 else 1e-10)
+    columns = case["image_feats"].shape[0] + case.get("image_queue", case["image_feats"][:0]).shape[0]
+    assert max(column_ranges) == -(-columns // 32), column_ranges  # one range per 32-column tile
+
+
+@pytest.mark.parametrize("mode", ["sample", "hardest"])
+def test_column_ranges_pick_what_one_range_picks(mode, monkeypatch):
+    """The picks do not depend on the split: the arg-max over ranges takes the first range on ties, and the Gumbel
+    noise is keyed by the column, not by the program."""
+    case = make_case(70, 16, queue=50, ids=30, queue_ids=True, momentum=True, alpha=0.3)
+    whole = picks(case, mode, torch.Generator().manual_seed(5))
+    from mome.kernels import itc_configs
+
+    monkeypatch.setattr(itc_configs, "MIN_SPLIT_TILES", 1)
+    split = picks(case, mode, torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(whole, split, strict=True)), (whole, split)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy meets the NaN
+def test_a_nan_feature_in_one_column_range_makes_the_pick_minus_one(column_ranges):
+    """Image 2 is NaN: every t2i row meets it in the first of three ranges only, and still gets -1."""
+    case = make_case(70, 16, queue=10)
+    case["image_feats"] = case["image_feats"].clone()
+    case["image_feats"][2, 5] = float("nan")
+    neg_text, neg_image = picks(case, "hardest")
+    assert neg_text[2] == -1 and (neg_image == -1).all()
+    others = torch.tensor([i for i in range(70) if i != 2])
+    assert ((neg_text[others] >= 0) & (neg_text[others] != others)).all()
+    assert max(column_ranges) == 3
+
+
+@pytest.mark.parametrize("mode", ["clip", "albef"])
+def test_rows_in_column_ranges_match_the_spec(mode, monkeypatch):
+    """One rank's rows, each row program streaming a range of the columns."""
+    from mome.kernels import itc_configs
+
+    monkeypatch.setattr(itc_configs, "MIN_SPLIT_TILES", 1)
+    start, stop = SLICES["middle"]
+    check_rows_against_spec(make_batch(mode), start, stop, torch.float64, 1e-10, "hardest")

@@ -94,6 +94,15 @@ def test_options_match_the_spec(name, dtype):
     check(make_case(**CASES[name]), dtype)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_options_in_column_ranges_match_the_spec(name, monkeypatch):
+    """The sigmoid loss and label smoothing with row programs that each stream a range of the columns."""
+    from mome.kernels import itc_configs
+
+    monkeypatch.setattr(itc_configs, "MIN_SPLIT_TILES", 1)
+    check(make_case(**CASES[name]), torch.float64, 1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # bf16: widened in-kernel when interpreting
 @pytest.mark.parametrize("name", ["sigmoid_ids_queue", "smooth_albef"])
 def test_options_in_half_precision(name, dtype):
