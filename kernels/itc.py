@@ -83,13 +83,30 @@ def _similarity_tile(
 
 
 @triton.jit
-def _feature_rows(row_ptrs, valid, D, BLOCK_D: tl.constexpr):
-    """The ``[len(row_ptrs), BLOCK_D]`` tile of whole feature rows (``BLOCK_D >= D``), zeros past D and on invalid
-    rows: held by a WHOLE_D program, where one load of a column tile serves the similarity and the gradient's
-    product and the column loop is the only loop, so its loads are the ones pipelined."""
-    offs_d = tl.arange(0, BLOCK_D)
-    tile = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
-    return widen_bf16_in_interpreter(tile)
+def _feature_rows(row_ptrs, valid, D, BLOCK_D: tl.constexpr, WHOLE_D: tl.constexpr):
+    """WHOLE_D: the ``[len(row_ptrs), BLOCK_D]`` tile of whole feature rows (``BLOCK_D >= D``), zeros past D and on
+    invalid rows, loaded once where a program holds it and once per tile where it streams it (one load of a column
+    tile serves the similarity and the gradient's product, and the column loop is the only loop, so its loads
+    are the ones pipelined). Otherwise nothing (0): ``_similarity_tile`` steps through the features itself."""
+    if WHOLE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        tile = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
+        return widen_bf16_in_interpreter(tile)
+    else:
+        return 0
+
+
+@triton.jit
+def _logits_tile(
+    a_tile, b_tile, a_ptr, a_offs, a_valid, b_ptrs, b_valid, D,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    WHOLE_D: tl.constexpr,
+):  # fmt: skip
+    """``a @ b.T`` of one tile: one product of the two ``_feature_rows`` tiles (WHOLE_D), or ``_similarity_tile``."""
+    if WHOLE_D:
+        return tl.dot(a_tile, tl.trans(b_tile), input_precision=PRECISION, out_dtype=ACC)
+    else:
+        return _similarity_tile(a_ptr, a_offs, a_valid, b_ptrs, b_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_A, BLOCK_B)
 
 
 @triton.jit
@@ -199,23 +216,17 @@ def _itc_fwd_kernel(
     best_score = tl.full((BLOCK_M,), neg_inf, ACC)
     best_idx = tl.full((BLOCK_M,), -1, tl.int32)
     undefined = tl.zeros((BLOCK_M,), tl.int32)  # a non-finite in-batch logit: no defined draw, pick -1
-    if WHOLE_D:
-        rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D)
-        if DISTILL:
-            rows_m = _feature_rows(rows_m_block + block_rows * D, row_valid, D, BLOCK_D)
+    rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D, WHOLE_D)
+    rows_m = _feature_rows(rows_m_block + block_rows * D, row_valid, D, BLOCK_D, WHOLE_D and DISTILL)
 
     begin, end = _column_range(1, N, BLOCK_N, SPLIT)
     for start in range(begin, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < N
         col_ptrs = _column_pointers(cols_ptr, queue_ptr, offs_n, B, D)
-        if WHOLE_D:
-            cols = _feature_rows(col_ptrs, col_valid, D, BLOCK_D)
-            raw = tl.dot(rows, tl.trans(cols), input_precision=PRECISION, out_dtype=ACC)
-        else:
-            raw = _similarity_tile(
-                rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
-            )
+        cols = _feature_rows(col_ptrs, col_valid, D, BLOCK_D, WHOLE_D)
+        raw = _logits_tile(rows, cols, rows_block, block_rows, row_valid, col_ptrs, col_valid, D,
+                           BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N, WHOLE_D)  # fmt: skip
         logits = tl.where(col_valid[None, :], raw * scale, neg_inf)
         positive = _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS)
         if SIGMOID:
@@ -232,13 +243,8 @@ def _itc_fwd_kernel(
             if SMOOTH:
                 logit_sum += tl.sum(finite_logits, axis=1)
         if DISTILL:
-            if WHOLE_D:
-                raw_m = tl.dot(rows_m, tl.trans(cols), input_precision=PRECISION, out_dtype=ACC)
-            else:
-                raw_m = _similarity_tile(
-                    rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION,
-                    BLOCK_M, BLOCK_N,
-                )  # fmt: skip
+            raw_m = _logits_tile(rows_m, cols, rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D,
+                                 BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N, WHOLE_D)  # fmt: skip
             logits_m = tl.where(col_valid[None, :], raw_m * scale, neg_inf)
             new_m_max = tl.maximum(m_max, tl.max(logits_m, axis=1))
             rescale = tl.exp(m_max - new_m_max)
@@ -324,20 +330,15 @@ def _itc_fwd_both_kernel(
     run_sum = tl.zeros((BLOCK_M,), ACC)
     pos_logits = tl.zeros((BLOCK_M,), ACC)
     partials = pid.to(tl.int64) * B
-    if WHOLE_D:
-        rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D)
+    rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D, WHOLE_D)
     begin, end = _column_range(1, B, BLOCK_N, SPLIT)
     for start in range(begin, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < B
         col_ptrs = cols_ptr + offs_n.to(tl.int64) * D
-        if WHOLE_D:
-            raw = tl.dot(rows, tl.trans(_feature_rows(col_ptrs, col_valid, D, BLOCK_D)), input_precision=PRECISION,
-                         out_dtype=ACC)  # fmt: skip
-        else:
-            raw = _similarity_tile(
-                rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
-            )
+        cols = _feature_rows(col_ptrs, col_valid, D, BLOCK_D, WHOLE_D)
+        raw = _logits_tile(rows, cols, rows_block, block_rows, row_valid, col_ptrs, col_valid, D,
+                           BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N, WHOLE_D)  # fmt: skip
         logits = raw * scale
         by_row = tl.where(col_valid[None, :], logits, neg_inf)
         new_max = tl.maximum(run_max, tl.max(by_row, axis=1))
@@ -407,22 +408,16 @@ def _itc_bwd_rows_kernel(
     d_rows = tl.zeros((BLOCK_M, BLOCK_DOUT), ACC)
     d_scale = tl.zeros((BLOCK_M,), ACC)
     d_bias = tl.zeros((BLOCK_M,), ACC)
-    if WHOLE_D:  # one feature slice, BLOCK_DOUT == BLOCK_D
-        rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D)
-        if DISTILL:
-            rows_m = _feature_rows(rows_m_block + block_rows * D, row_valid, D, BLOCK_D)
+    rows = _feature_rows(rows_block + block_rows * D, row_valid, D, BLOCK_D, WHOLE_D)  # WHOLE_D: one slice
+    rows_m = _feature_rows(rows_m_block + block_rows * D, row_valid, D, BLOCK_D, WHOLE_D and DISTILL)
     begin, end = _column_range(2, N, BLOCK_N, SPLIT)
     for start in range(begin, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_valid = offs_n < N
         col_ptrs = _column_pointers(cols_ptr, queue_ptr, offs_n, B, D)
-        if WHOLE_D:
-            cols = _feature_rows(col_ptrs, col_valid, D, BLOCK_D)
-            raw = tl.dot(rows, tl.trans(cols), input_precision=PRECISION, out_dtype=ACC)
-        else:
-            raw = _similarity_tile(
-                rows_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N
-            )
+        cols = _feature_rows(col_ptrs, col_valid, D, BLOCK_D, WHOLE_D)
+        raw = _logits_tile(rows, cols, rows_block, block_rows, row_valid, col_ptrs, col_valid, D,
+                           BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N, WHOLE_D)  # fmt: skip
         positive = _positive_tile(row_ids, ids_ptr, queue_ids_ptr, offs_n, B, N, HAS_QUEUE_IDS)
         keep = row_valid[:, None] & col_valid[None, :]
         if SIGMOID:  # d softplus(-label · z) / dz = -label · sigmoid(-label · z) = sigmoid(z) - [positive]
@@ -432,13 +427,8 @@ def _itc_bwd_rows_kernel(
         else:
             target = tl.where(positive, 1.0 / pos_count[:, None], 0.0)
             if DISTILL:
-                if WHOLE_D:
-                    raw_m = tl.dot(rows_m, tl.trans(cols), input_precision=PRECISION, out_dtype=ACC)
-                else:
-                    raw_m = _similarity_tile(
-                        rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D, BLOCK_D, ACC, PRECISION,
-                        BLOCK_M, BLOCK_N,
-                    )  # fmt: skip
+                raw_m = _logits_tile(rows_m, cols, rows_m_block, block_rows, row_valid, col_ptrs, col_valid, D,
+                                     BLOCK_D, ACC, PRECISION, BLOCK_M, BLOCK_N, WHOLE_D)  # fmt: skip
                 target = (1.0 - alpha) * target + alpha * tl.exp(raw_m * scale - lse_m[:, None])
             if SMOOTH:
                 target = (1.0 - smoothing) * target + smoothing / N
@@ -504,19 +494,14 @@ def _itc_bwd_cols_kernel(
     scale, bias, _alpha, smoothing = _params(params_ptr, SIGMOID, False, SMOOTH, ACC)
     grad = tl.load(grad_ptr).to(ACC) / M
     d_cols = tl.zeros((BLOCK_N, BLOCK_DOUT), ACC)
-    if WHOLE_D:  # one feature slice, BLOCK_DOUT == BLOCK_D
-        cols = _feature_rows(cols_block + block_cols * D, col_valid, D, BLOCK_D)
+    cols = _feature_rows(cols_block + block_cols * D, col_valid, D, BLOCK_D, WHOLE_D)  # WHOLE_D: one slice
     for start in range(0, M, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         row_valid = offs_m < M
         row_ptrs = rows_ptr + offs_m.to(tl.int64) * D
-        if WHOLE_D:  # [BLOCK_N columns, BLOCK_M rows]
-            rows = _feature_rows(row_ptrs, row_valid, D, BLOCK_D)
-            raw = tl.dot(cols, tl.trans(rows), input_precision=PRECISION, out_dtype=ACC)
-        else:
-            raw = _similarity_tile(
-                cols_block, block_cols, col_valid, row_ptrs, row_valid, D, BLOCK_D, ACC, PRECISION, BLOCK_N, BLOCK_M
-            )
+        rows = _feature_rows(row_ptrs, row_valid, D, BLOCK_D, WHOLE_D)
+        raw = _logits_tile(cols, rows, cols_block, block_cols, col_valid, row_ptrs, row_valid, D,  # [columns, rows]
+                           BLOCK_D, ACC, PRECISION, BLOCK_N, BLOCK_M, WHOLE_D)  # fmt: skip
         row_ids = tl.load(row_ids_ptr + offs_m, mask=row_valid, other=-3)
         positive = col_ids[:, None] == row_ids[None, :]
         keep = col_valid[:, None] & row_valid[None, :]
