@@ -26,7 +26,7 @@ from mome.demo_training import adamw_warmup_cosine
 from mome.distributed import Ranks, fully_shard_mome, mean_over_ranks, torchrun_environment
 from mome.nn.decoder import CaptionDecoder
 from mome.shapes_data import ShapesCaptions
-from tests.helpers import assert_close
+from tests.helpers import assert_close, leave_spawned_worker
 
 WORLD = 2
 ENCODER_STEPS, DECODER_STEPS = 3, 2
@@ -173,6 +173,7 @@ def _worker(rank: int, store: str, result_dir: str) -> None:
         torch.save(results, f"{result_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 @pytest.fixture(scope="module")

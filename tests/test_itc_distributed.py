@@ -12,7 +12,7 @@ from torch import nn
 import mome.ops.itc
 from mome.nn.itc import ITCLoss
 from mome.ops import itc_loss
-from tests.helpers import assert_close
+from tests.helpers import assert_close, leave_spawned_worker
 
 WORLD, LOCAL_BATCH, IN_DIM, EMBED_DIM, QUEUE = 2, 13, 12, 16, 37
 # (columns, hard negatives): CLIP (online columns, differentiable), ALBEF (momentum columns, queue, alpha), BLIP-2
@@ -116,6 +116,7 @@ def _worker(rank, store_path, backend, result_dir):
         torch.save({"results": results, "calls": calls}, f"{result_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 @pytest.fixture(scope="module", params=["reference", "triton"])
@@ -220,6 +221,7 @@ def _unequal_worker(rank, store_path, result_dir):
             handle.write(message)
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 def test_unequal_local_batches_are_rejected_on_every_rank(tmp_path):
