@@ -367,6 +367,28 @@ def test_gpu_matches_reference(dtype, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("multiprocessors", [None, 1], ids=["column_ranges", "one_range"])
+@pytest.mark.parametrize("dim", [256, 512], ids=["whole_d", "sliced"])
+@pytest.mark.parametrize("name", ["clip", "albef"])
+def test_gpu_tilings_match_reference(name, dim, multiprocessors, monkeypatch):
+    """sm_90's four ways through a launch, bf16: features held whole (d 256) or sliced (d 512), with the column
+    ranges that 300 rows get on the real GPU, and without them (planned as if for one multiprocessor)."""
+    from mome.kernels import itc
+
+    if multiprocessors is not None:
+        real = itc.target
+        monkeypatch.setattr(itc, "target", lambda device: (real(device)[0], multiprocessors))
+    shape = dict(batch=300, dim=dim, scale=100.0)
+    if name == "albef":
+        shape.update(queue=1000, momentum=True, alpha=0.4, ids=100, queue_ids=True, scale=1 / 0.07)
+    case = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in make_case(**shape).items()}
+    expected = run(rounded(case, torch.bfloat16), torch.float64, "spec")
+    actual = run(case, torch.bfloat16, "triton")
+    for name_, a, e in zip(("loss_i2t", "loss_t2i", "d image", "d text", "d scale"), actual, expected, strict=True):
+        assert_close(a, e, TOLERANCE[torch.bfloat16], name_)
+
+
+@pytest.mark.gpu
 def test_gpu_hard_negatives_never_positive_and_deterministic_gradients():
     case = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in make_case(2000, 256, ids=700).items()}
     positives = positive_mask(case["positive_ids"], None, 2000, 0, "cuda")
