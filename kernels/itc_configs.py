@@ -40,8 +40,8 @@ SM90 = {
 }
 # Features up to 256 wide, held whole: 128 stationary rows (a warpgroup's 64 each, so the chained similarity ->
 # gradient products are not computed by both warpgroups, as they are at 64 rows under 8 warps) against 32
-# streamed columns, double-buffered: every kernel compiles without spills (64 x 64 spilled in the forward
-# and the backward; see NOTES-itc.md, v4).
+# streamed columns, double-buffered: the kernels compile without spills but for the one noted below (64 x 64
+# spilled in the forward and the backward; see NOTES-itc.md, v4 and v5).
 SM90_WHOLE = {
     **dict.fromkeys(("fwd", "fwd_distill", "bwd_cols"), ItcConfig(128, 32, 8, 2, whole_d=256)),
     # ALBEF's row kernel split over column ranges (distillation: two held row tiles) keeps one register in local
