@@ -23,6 +23,19 @@ def poisoned_allocations(monkeypatch):
 
 
 @pytest.fixture
+def column_ranges(monkeypatch):
+    """ITC: every row program of the forward and the row backward splits its columns into ranges of one tile (tiny
+    batches would not split otherwise); returns the split counts the plans chose, for the test to check."""
+    from mome.kernels import itc, itc_configs
+
+    monkeypatch.setattr(itc_configs, "MIN_SPLIT_TILES", 1)
+    chosen = []
+    original = itc.column_splits
+    monkeypatch.setattr(itc, "column_splits", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    return chosen
+
+
+@pytest.fixture
 def cuda_extension():
     """Skips, saying why, unless a GPU is here and mome._C runs on it (the CUDA backend's own tests)."""
     import mome.cuda
