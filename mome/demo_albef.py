@@ -7,17 +7,21 @@ distillation), then report retrieval and balanced image-text matching on held-ou
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from mome.demo_metrics import itm_scores, print_retrieval, retrieval_scores
-from mome.demo_training import on_device, pick_device, warmup_cosine
+from mome.demo_training import (
+    check_counts,
+    finish_recipe_demo,
+    on_device,
+    start_recipe_demo,
+    warmup_cosine,
+)
 from mome.models.albef import ALBEF, albef_tiny
 from mome.shapes_data import CaptionBatch, ShapesCaptions
 
@@ -145,24 +149,12 @@ def evaluate(model: ALBEF, held_out: CaptionBatch, seed: int, device: torch.devi
 def train_albef(options: ALBEFDemoOptions | None = None) -> dict:
     """Train ``albef_tiny`` on ShapesCaptions for ``options.steps`` steps; evaluate on ``eval_size`` held-out pairs."""
     options = ALBEFDemoOptions() if options is None else options
-    if not isinstance(options.steps, int) or options.steps < 1:
-        raise ValueError(f"steps must be a positive int, got {options.steps!r}")
-    if not isinstance(options.eval_size, int) or options.eval_size < 1:
-        raise ValueError(f"eval_size must be a positive int, got {options.eval_size!r}")
-    start = time.perf_counter()
-    device = pick_device(options.device)
-    torch.manual_seed(options.seed)
-    data = ShapesCaptions(options.seed, options.image_size, jitter=options.jitter)
+    check_counts(options, 1, "steps", "eval_size")
+    start, device, data = start_recipe_demo(options)
     model = _model(options, data).to(device)
     history = train(model, data, options, device)
     metrics = evaluate(model, data.held_out(options.eval_size), options.seed, device)
-    metrics.update(seconds=time.perf_counter() - start, device=str(device), options=asdict(options),
-                   history=asdict(history))  # fmt: skip
-    if options.out is not None:
-        out = Path(options.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    return finish_recipe_demo(metrics, start, device, options, history)
 
 
 def print_report(metrics: dict) -> None:

@@ -8,18 +8,16 @@ baseline and retrieval R@1 / R@5 on held-out pairs.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mome.demo_metrics import print_retrieval, retrieval_scores
-from mome.demo_training import pick_device, warmup_cosine
+from mome.demo_training import check_counts, finish_recipe_demo, on_device, start_recipe_demo, warmup_cosine
 from mome.models.beit3 import BEiT3, beit3_tiny_recipe
 from mome.models.config import beit3_tiny
 from mome.shapes_data import CaptionBatch, ShapesCaptions
@@ -137,24 +135,14 @@ def retrieval(model: BEiT3, batch: CaptionBatch) -> dict:
 def train_beit3(options: BEiT3DemoOptions | None = None) -> dict:
     """Pre-train a tiny BEiT-3 by masked data modelling, fine-tune it for retrieval, evaluate on held-out pairs."""
     options = BEiT3DemoOptions() if options is None else options
-    for name in ("mdm_steps", "retrieval_steps"):
-        value = getattr(options, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if isinstance(options.eval_size, bool) or not isinstance(options.eval_size, int) or options.eval_size < 1:
-        raise ValueError(f"eval_size must be a positive int, got {options.eval_size!r}")
-    start = time.perf_counter()
-    device = pick_device(options.device)
-    torch.manual_seed(options.seed)
-    data = ShapesCaptions(options.seed, options.image_size, jitter=options.jitter)
+    check_counts(options, 0, "mdm_steps", "retrieval_steps")
+    check_counts(options, 1, "eval_size")
+    start, device, data = start_recipe_demo(options)
     model = _model(options, data).to(device)
     generator = torch.Generator().manual_seed(options.seed)
 
     def batch() -> CaptionBatch:
-        b = data.train_batch(options.batch_size)
-        return CaptionBatch(b.images.to(device), b.text_ids.to(device), b.padding_mask.to(device),
-                            b.caption_ids.to(device), b.captions, b.equivalent_captions,
-                            b.canonical_text_ids.to(device))  # fmt: skip
+        return on_device(data.train_batch(options.batch_size), device)
 
     def mdm_loss() -> Tensor:
         b = batch()
@@ -166,21 +154,12 @@ def train_beit3(options: BEiT3DemoOptions | None = None) -> dict:
 
     history = BEiT3History()
     history.mdm = _train(model, options.mdm_steps, options.lr, mdm_loss, "masked data", options.quiet)
-    held = data.held_out(options.eval_size)
-    held = CaptionBatch(held.images.to(device), held.text_ids.to(device), held.padding_mask.to(device),
-                        held.caption_ids.to(device), held.captions, held.equivalent_captions,
-                        held.canonical_text_ids.to(device))  # fmt: skip
+    held = on_device(data.held_out(options.eval_size), device)
     masked = masked_accuracy(model, held, options.seed)
     history.retrieval = _train(model, options.retrieval_steps, options.retrieval_lr, retrieval_loss, "retrieval  ",
                                options.quiet)  # fmt: skip
     metrics = {"held_out_pairs": held.images.shape[0], "masked_prediction": masked, "retrieval": retrieval(model, held)}
-    metrics.update(seconds=time.perf_counter() - start, device=str(device), options=asdict(options),
-                   history=asdict(history))  # fmt: skip
-    if options.out is not None:
-        out = Path(options.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    return finish_recipe_demo(metrics, start, device, options, history)
 
 
 def print_report(metrics: dict) -> None:

@@ -7,12 +7,10 @@ pairs, and CapFilt (``mome.models.blip.bootstrap``) on held-out pairs half of wh
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,7 +23,7 @@ from mome.demo_metrics import (
     print_retrieval,
     retrieval_scores,
 )
-from mome.demo_training import pick_device, warmup_cosine
+from mome.demo_training import check_counts, finish_recipe_demo, start_recipe_demo, warmup_cosine
 from mome.models.blip import BLIP, blip_tiny, bootstrap
 from mome.nn.heads import itm_inputs
 from mome.shapes_data import CaptionBatch, ShapesCaptions
@@ -230,26 +228,14 @@ def evaluate(model: BLIP, held_out: CaptionBatch, data: ShapesCaptions, options:
 def train_blip(options: BLIPDemoOptions | None = None) -> dict:
     """Train ``blip_tiny`` on ShapesCaptions for ``options.steps`` steps; evaluate on ``eval_size`` held-out pairs."""
     options = BLIPDemoOptions() if options is None else options
-    for name in ("steps", "eval_size", "itm_pairs", "capfilt_pairs"):
-        value = getattr(options, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_counts(options, 1, "steps", "eval_size", "itm_pairs", "capfilt_pairs")
     if not 0.0 <= options.itm_random_negatives <= 1.0:
         raise ValueError(f"itm_random_negatives must lie in [0, 1], got {options.itm_random_negatives!r}")
-    start = time.perf_counter()
-    device = pick_device(options.device)
-    torch.manual_seed(options.seed)
-    data = ShapesCaptions(options.seed, options.image_size, jitter=options.jitter)
+    start, device, data = start_recipe_demo(options)
     model = _model(options, data).to(device)
     history = train(model, data, options, device)
     metrics = evaluate(model, data.held_out(options.eval_size), data, options, device)
-    metrics.update(seconds=time.perf_counter() - start, device=str(device), options=asdict(options),
-                   history=asdict(history))  # fmt: skip
-    if options.out is not None:
-        out = Path(options.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    return finish_recipe_demo(metrics, start, device, options, history)
 
 
 def print_report(metrics: dict) -> None:

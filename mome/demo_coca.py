@@ -6,16 +6,14 @@ both losses (contrastive + captioning), then report retrieval and greedy KV-cach
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
 from mome.demo_metrics import caption_scores, print_retrieval, retrieval_scores
-from mome.demo_training import pick_device, warmup_cosine
+from mome.demo_training import check_counts, finish_recipe_demo, start_recipe_demo, warmup_cosine
 from mome.models.coca import CoCa, coca_tiny
 from mome.shapes_data import CaptionBatch, ShapesCaptions
 
@@ -120,24 +118,12 @@ def evaluate(model: CoCa, held_out: CaptionBatch, data: ShapesCaptions, device: 
 def train_coca(options: CoCaDemoOptions | None = None) -> dict:
     """Train ``coca_tiny`` on ShapesCaptions for ``options.steps`` steps; evaluate on ``eval_size`` held-out pairs."""
     options = CoCaDemoOptions() if options is None else options
-    if not isinstance(options.steps, int) or options.steps < 1:
-        raise ValueError(f"steps must be a positive int, got {options.steps!r}")
-    if not isinstance(options.eval_size, int) or options.eval_size < 1:
-        raise ValueError(f"eval_size must be a positive int, got {options.eval_size!r}")
-    start = time.perf_counter()
-    device = pick_device(options.device)
-    torch.manual_seed(options.seed)
-    data = ShapesCaptions(options.seed, options.image_size, jitter=options.jitter)
+    check_counts(options, 1, "steps", "eval_size")
+    start, device, data = start_recipe_demo(options)
     model = _model(options, data).to(device)
     history = train(model, data, options, device)
     metrics = evaluate(model, data.held_out(options.eval_size), data, device)
-    metrics.update(seconds=time.perf_counter() - start, device=str(device), options=asdict(options),
-                   history=asdict(history))  # fmt: skip
-    if options.out is not None:
-        out = Path(options.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    return finish_recipe_demo(metrics, start, device, options, history)
 
 
 def print_report(metrics: dict) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from mome.shapes_data import CaptionBatch
+from mome.ops._validate import is_int
+from mome.shapes_data import CaptionBatch, ShapesCaptions
 
 
 def pick_device(name: str) -> torch.device:
@@ -25,6 +28,35 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__})")
     return device
+
+
+def check_counts(options, minimum: int, *names: str) -> None:
+    """Each named field of ``options`` is an int (not a bool) of at least ``minimum``, or a ValueError names it."""
+    expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    for name in names:
+        value = getattr(options, name)
+        if not is_int(value) or value < minimum:
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def start_recipe_demo(options) -> tuple[float, torch.device, ShapesCaptions]:
+    """What every recipe demo starts from: the clock, the device, torch's seed and the ShapesCaptions data."""
+    started = time.perf_counter()
+    device = pick_device(options.device)
+    torch.manual_seed(options.seed)
+    return started, device, ShapesCaptions(options.seed, options.image_size, jitter=options.jitter)
+
+
+def finish_recipe_demo(metrics: dict, started: float, device: torch.device, options, history) -> dict:
+    """``metrics`` with the run's seconds, device, options and history; written to ``options.out``/metrics.json
+    when ``options.out`` is set."""
+    metrics.update(seconds=time.perf_counter() - started, device=str(device), options=dataclasses.asdict(options),
+                   history=dataclasses.asdict(history))  # fmt: skip
+    if options.out is not None:
+        out = Path(options.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
 
 
 def on_device(batch: CaptionBatch, device: torch.device) -> CaptionBatch:

@@ -7,17 +7,15 @@ retrieval, balanced ITM accuracy and masked-prediction accuracy on held-out pair
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
 from mome.demo_beit3 import masked_scores
 from mome.demo_metrics import itm_scores, print_retrieval, retrieval_scores
-from mome.demo_training import pick_device, warmup_cosine
+from mome.demo_training import check_counts, finish_recipe_demo, start_recipe_demo, warmup_cosine
 from mome.models.config import vlmo_tiny
 from mome.models.vlmo import STAGES, VLMo, start_stage, vlmo_tiny_recipe
 from mome.shapes_data import CaptionBatch, ShapesCaptions
@@ -133,29 +131,16 @@ def evaluate(model: VLMo, held_out: CaptionBatch, seed: int, device: torch.devic
 def train_vlmo(options: VLMoDemoOptions | None = None) -> dict:
     """Pre-train a tiny VLMo stage by stage on ShapesCaptions; evaluate on ``eval_size`` held-out pairs."""
     options = VLMoDemoOptions() if options is None else options
-    for name in ("image_steps", "text_steps", "pair_steps"):
-        value = getattr(options, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if isinstance(options.eval_size, bool) or not isinstance(options.eval_size, int) or options.eval_size < 1:
-        raise ValueError(f"eval_size must be a positive int, got {options.eval_size!r}")
-    start = time.perf_counter()
-    device = pick_device(options.device)
-    torch.manual_seed(options.seed)
-    data = ShapesCaptions(options.seed, options.image_size, jitter=options.jitter)
+    check_counts(options, 0, "image_steps", "text_steps", "pair_steps")
+    check_counts(options, 1, "eval_size")
+    start, device, data = start_recipe_demo(options)
     model = _model(options, data).to(device)
     history, generator = VLMoHistory(), torch.Generator().manual_seed(options.seed)
     steps = (options.image_steps, options.text_steps, options.pair_steps)
     for stage, count in zip(STAGES, steps, strict=True):
         train_stage(model, stage, count, data, options, device, history, generator)
     metrics = evaluate(model, data.held_out(options.eval_size), options.seed, device)
-    metrics.update(seconds=time.perf_counter() - start, device=str(device), options=asdict(options),
-                   history=asdict(history))  # fmt: skip
-    if options.out is not None:
-        out = Path(options.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    return finish_recipe_demo(metrics, start, device, options, history)
 
 
 def print_report(metrics: dict) -> None:

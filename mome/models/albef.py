@@ -16,13 +16,14 @@ the distillation weight over the first epoch is left to the training loop (``mod
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
+from mome.models._vision_text import VisionTextConfig, check_text_inputs
 from mome.models.coca import TransformerBlock
 from mome.models.transformer import PatchEmbedding
 from mome.nn._heads import merge_heads, split_heads
@@ -30,11 +31,11 @@ from mome.nn.decoder import CaptionDecoderLayer
 from mome.nn.heads import IGNORE_INDEX, MIN_TEMPERATURE, ITMHead, MLMHead, itm_inputs, mask_tokens
 from mome.nn.itc import ITCLoss
 from mome.nn.training import copy_params, momentum_update
-from mome.ops._validate import check_ids, is_int, is_real
+from mome.ops._validate import is_int, is_real
 
 
 @dataclass(frozen=True)
-class ALBEFConfig:
+class ALBEFConfig(VisionTextConfig):
     """Sizes and training constants of an ALBEF model.
 
     text_depth: unimodal text layers; fusion_depth: layers with cross-attention to the image (ALBEF: 6 + 6).
@@ -80,15 +81,7 @@ class ALBEFConfig:
     def __post_init__(self) -> None:
         sizes = ("image_size", "patch_size", "in_chans", "vision_dim", "vision_depth", "vision_heads", "text_dim",
                  "text_depth", "fusion_depth", "text_heads", "vocab_size", "max_text_len", "embed_dim")  # fmt: skip
-        for name in sizes:
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for dim, heads in (("vision_dim", "vision_heads"), ("text_dim", "text_heads")):
-            if getattr(self, dim) % getattr(self, heads) != 0:
-                raise ValueError(f"{dim} ({getattr(self, dim)}) must be divisible by {heads} ({getattr(self, heads)})")
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        self.check_shapes(sizes)
         if not is_int(self.queue_size) or self.queue_size < 0:
             raise ValueError(f"queue_size must be an int >= 0 (0: no queue), got {self.queue_size!r}")
         for name in ("momentum", "alpha", "mlm_prob", "itm_random_negatives"):
@@ -96,27 +89,13 @@ class ALBEFConfig:
                 raise ValueError(f"{name} must be a number in [0, 1], got {getattr(self, name)!r}")
         if not is_real(self.init_temperature) or not MIN_TEMPERATURE <= self.init_temperature <= 1.0:
             raise ValueError(f"init_temperature must lie in [{MIN_TEMPERATURE}, 1], got {self.init_temperature!r}")
-        for name in ("pad_id", "mask_id"):
-            if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"{name} must be an int in [0, vocab_size={self.vocab_size}), got "
-                                 f"{getattr(self, name)!r}")  # fmt: skip
+        self.check_token_ids("pad_id", "mask_id")
         if not isinstance(self.special_ids, tuple) or not all(is_int(i) for i in self.special_ids):
             raise ValueError(f"special_ids must be a tuple of ints, got {self.special_ids!r}")
-        for name in ("itc_weight", "itm_weight", "mlm_weight"):
-            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if not is_real(self.mlp_ratio) or self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        self.check_weights("itc_weight", "itm_weight", "mlm_weight")
         for name in ("mlm_distill", "itm_balanced"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def replace(self, **overrides) -> ALBEFConfig:
-        return replace(self, **overrides)
 
 
 def albef_base(**overrides) -> ALBEFConfig:
@@ -290,7 +269,8 @@ class ALBEF(nn.Module):
 
     def text_states(self, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> Tensor:
         """The unimodal text layers' states ``(B, L, text_dim)``."""
-        self._check_text(text_ids, text_padding_mask)
+        check_text_inputs(text_ids, text_padding_mask, self.config, self.text_encoder.token_embed.weight.device,
+                          first_token_kept=True)  # fmt: skip
         return self.text_encoder(text_ids, text_padding_mask)
 
     def fused_states(self, text_states: Tensor, text_padding_mask: Tensor | None, image_states: Tensor) -> Tensor:
@@ -389,31 +369,6 @@ class ALBEF(nn.Module):
             soft = self.mlm_head_m(hidden_m).to(logits.dtype).softmax(dim=-1)
         distilled = -((soft * logits.log_softmax(dim=-1)).sum(dim=-1) * chosen).sum() / count
         return (1 - alpha) * hard + alpha * distilled
-
-    # -- checks -----------------------------------------------------------------------------------
-    def _check_text(self, text_ids: Tensor, text_padding_mask: Tensor | None) -> None:
-        c, device = self.config, self.text_encoder.token_embed.weight.device
-        integer = isinstance(text_ids, Tensor) and text_ids.dtype in (torch.int64, torch.int32)
-        if not integer or text_ids.dim() != 2:
-            got = f"{tuple(text_ids.shape)} {text_ids.dtype}" if isinstance(text_ids, Tensor) else type(text_ids)
-            raise TypeError(f"text_ids must be an int64 (or int32) tensor (B, L), got {got}")
-        if not 1 <= text_ids.shape[1] <= c.max_text_len:
-            raise ValueError(
-                f"text_ids must be (B, 1 <= L <= config.max_text_len = {c.max_text_len}), got {tuple(text_ids.shape)}"
-            )
-        if text_ids.device != device:
-            raise ValueError(f"text_ids must be on the model's device {device}, got {text_ids.device}")
-        check_ids("text_ids", text_ids, c.vocab_size, f"token ids of config.vocab_size = {c.vocab_size}")
-        if text_padding_mask is None:
-            return
-        if not isinstance(text_padding_mask, Tensor) or text_padding_mask.dtype != torch.bool:
-            got = text_padding_mask.dtype if isinstance(text_padding_mask, Tensor) else type(text_padding_mask)
-            raise TypeError(f"text_padding_mask must be a bool tensor (True = pad), got {got}")
-        if text_padding_mask.shape != text_ids.shape or text_padding_mask.device != device:
-            raise ValueError(f"text_padding_mask must have text_ids' shape {tuple(text_ids.shape)} on {device}, got "
-                             f"{tuple(text_padding_mask.shape)} on {text_padding_mask.device}")  # fmt: skip
-        if not torch.compiler.is_compiling() and bool(text_padding_mask[:, 0].any()):
-            raise ValueError("text_padding_mask must not mask the first token: it is the [CLS] of every text")
 
 
 def _mix_random_negatives(

@@ -14,7 +14,7 @@ head calls matching.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
+from mome.models._vision_text import VisionTextConfig
 from mome.models.coca import TransformerBlock, _init_weights
 from mome.models.transformer import PatchEmbedding
 from mome.nn._heads import merge_heads, split_heads
@@ -37,7 +38,7 @@ ITC_POOLS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
-class BLIPConfig:
+class BLIPConfig(VisionTextConfig):
     """Sizes of a BLIP model.
 
     text_depth: layers of the text transformer (encoder and decoder alike). max_text_len: the longest text in
@@ -74,37 +75,15 @@ class BLIPConfig:
     def __post_init__(self) -> None:
         sizes = ("image_size", "patch_size", "in_chans", "vision_dim", "vision_depth", "vision_heads", "text_dim",
                  "text_depth", "text_heads", "vocab_size", "embed_dim")  # fmt: skip
-        for name in sizes:
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for dim, heads in (("vision_dim", "vision_heads"), ("text_dim", "text_heads")):
-            if getattr(self, dim) % getattr(self, heads) != 0:
-                raise ValueError(f"{dim} ({getattr(self, dim)}) must be divisible by {heads} ({getattr(self, heads)})")
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
-        if not is_int(self.max_text_len) or self.max_text_len < 2:
-            raise ValueError(f"max_text_len must be an int >= 2 (bos and one token), got {self.max_text_len!r}")
-        if not is_int(self.pad_id) or not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"pad_id must be an int in [0, vocab_size={self.vocab_size}), got {self.pad_id!r}")
-        for name in ("itc_weight", "itm_weight", "lm_weight"):
-            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if not is_real(self.mlp_ratio) or self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if not is_real(self.label_smoothing) or not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing!r}")
+        self.check_shapes(sizes)
+        self.check_caption_length()
+        self.check_token_ids("pad_id")
+        self.check_weights("itc_weight", "itm_weight", "lm_weight")
+        self.check_label_smoothing()
         if self.itc_pool not in ITC_POOLS:
             raise ValueError(f"itc_pool must be one of {ITC_POOLS}, got {self.itc_pool!r}")
         if not isinstance(self.itm_class_balance, bool):
             raise ValueError(f"itm_class_balance must be a bool, got {self.itm_class_balance!r}")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def replace(self, **overrides) -> BLIPConfig:
-        return replace(self, **overrides)
 
 
 def blip_base(**overrides) -> BLIPConfig:

@@ -12,7 +12,7 @@ states are those of the caption alone. Attention runs on ``mome.ops.attention`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -20,18 +20,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mome import ops
+from mome.models._vision_text import HEAD_PAIRS, VisionTextConfig, check_text_inputs
 from mome.models.transformer import PatchEmbedding
 from mome.nn._heads import merge_heads, split_heads
 from mome.nn.decoder import STRATEGIES, CaptionDecoderLayer, filter_logits
 from mome.nn.itc import ITCLoss
 from mome.nn.pooling import AttentionalPooler
-from mome.ops._validate import check_ids, is_int, is_real
+from mome.ops._validate import is_int, is_real
 
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
-class CoCaConfig:
+class CoCaConfig(VisionTextConfig):
     """Sizes of a CoCa model.
 
     text_depth: layers of the unimodal (text-only, causal) decoder; multimodal_depth: layers of the
@@ -67,33 +68,11 @@ class CoCaConfig:
         sizes = ("image_size", "patch_size", "in_chans", "vision_dim", "vision_depth", "vision_heads", "text_dim",
                  "text_depth", "multimodal_depth", "text_heads", "vocab_size", "embed_dim", "caption_queries",
                  "pooler_heads")  # fmt: skip
-        for name in sizes:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for dim, heads in (("vision_dim", "vision_heads"), ("text_dim", "text_heads"), ("vision_dim", "pooler_heads")):
-            if getattr(self, dim) % getattr(self, heads) != 0:
-                raise ValueError(f"{dim} ({getattr(self, dim)}) must be divisible by {heads} ({getattr(self, heads)})")
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
-        if not is_int(self.max_text_len) or self.max_text_len < 2:
-            raise ValueError(f"max_text_len must be an int >= 2 (bos and one token), got {self.max_text_len!r}")
-        if not is_int(self.pad_id) or not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"pad_id must be an int in [0, vocab_size={self.vocab_size}), got {self.pad_id!r}")
-        for name in ("contrastive_weight", "caption_weight"):
-            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if not is_real(self.mlp_ratio) or self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing!r}")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def replace(self, **overrides) -> CoCaConfig:
-        return replace(self, **overrides)
+        self.check_shapes(sizes, (*HEAD_PAIRS, ("vision_dim", "pooler_heads")))
+        self.check_caption_length()
+        self.check_token_ids("pad_id")
+        self.check_weights("contrastive_weight", "caption_weight")
+        self.check_label_smoothing()
 
 
 def coca_base(**overrides) -> CoCaConfig:
@@ -264,7 +243,7 @@ class CoCa(nn.Module):
     # -- text -------------------------------------------------------------------------------------
     def text_states(self, text_ids: Tensor, text_padding_mask: Tensor | None = None, cls: bool = True) -> TextStates:
         """The unimodal decoder over ``text_ids`` ``(B, L)`` (and the appended [CLS] when ``cls``)."""
-        self._check_text(text_ids, text_padding_mask)
+        check_text_inputs(text_ids, text_padding_mask, self.config, self.token_embed.weight.device)
         batch, length = text_ids.shape
         x = self.token_embed(text_ids.long()) + self.text_pos_embed[:length]  # [B, L, Dt]
         padding = text_padding_mask
@@ -402,31 +381,6 @@ class CoCa(nn.Module):
         return self.lm_head(self.multimodal_norm(x))
 
     # -- checks -----------------------------------------------------------------------------------
-    def _check_text(self, text_ids: Tensor, text_padding_mask: Tensor | None) -> None:
-        c, device = self.config, self.token_embed.weight.device
-        integer = isinstance(text_ids, Tensor) and text_ids.dtype in (torch.int64, torch.int32)
-        if not integer or text_ids.dim() != 2:
-            got = f"{tuple(text_ids.shape)} {text_ids.dtype}" if isinstance(text_ids, Tensor) else type(text_ids)
-            raise TypeError(f"text_ids must be an int64 (or int32) tensor (B, L), got {got}")
-        if not 1 <= text_ids.shape[1] <= c.max_text_len:
-            raise ValueError(
-                f"text_ids must be (B, 1 <= L <= config.max_text_len = {c.max_text_len}), got {tuple(text_ids.shape)}"
-            )
-        if text_ids.device != device:
-            raise ValueError(f"text_ids must be on the model's device {device}, got {text_ids.device}")
-        # one host sync; skipped under torch.compile and with MOME_CHECK_IDS=0
-        check_ids("text_ids", text_ids, c.vocab_size, f"token ids of config.vocab_size = {c.vocab_size}")
-        if text_padding_mask is not None:
-            if not isinstance(text_padding_mask, Tensor) or text_padding_mask.dtype != torch.bool:
-                got = text_padding_mask.dtype if isinstance(text_padding_mask, Tensor) else type(text_padding_mask)
-                raise TypeError(f"text_padding_mask must be a bool tensor (True = pad), got {got}")
-            if text_padding_mask.shape != text_ids.shape:
-                raise ValueError(f"text_padding_mask must have text_ids' shape {tuple(text_ids.shape)}, got "
-                                 f"{tuple(text_padding_mask.shape)}")  # fmt: skip
-            if text_padding_mask.device != device:
-                raise ValueError(f"text_padding_mask must be on the model's device {device}, got "
-                                 f"{text_padding_mask.device}")  # fmt: skip
-
     def _check_generate_args(self, max_new_tokens, bos_id, eos_id, strategy, temperature, top_k, top_p, generator):
         c = self.config
         if not is_int(max_new_tokens) or not 0 <= max_new_tokens < c.max_text_len:
